@@ -1,0 +1,83 @@
+"""The pipeline flow: decide which stages run or are reused, then call their tasks in order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from rlhf import home as rlhf_home
+from rlhf import tracking
+from rlhf.config import load_pipeline
+from rlhf.errors import InputError
+from rlhf.stages import StageSpec, external_inputs, reuse_stage, upstream_inputs
+from tasks.data_prep import data_prep
+
+STAGE_TASKS = {"data": data_prep}
+
+
+def plan(stages: list[str], from_stage: str | None, only: str | None) -> dict[str, str]:
+    """stage -> 'auto' (reuse if complete), 'force' (run again) or 'require' (must be complete)."""
+    for option, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in stages:
+            raise InputError(f"{option} {value}: no such stage in this pipeline; stages: {', '.join(stages)}")
+    if from_stage and only:
+        raise InputError("give --from or --only, not both")
+    if only:
+        return {stage: "require" for stage in stages[: stages.index(only)]} | {only: "force"}
+    forced_from = stages.index(from_stage) if from_stage else len(stages)
+    return {stage: "force" if i >= forced_from else "auto" for i, stage in enumerate(stages)}
+
+
+@flow(name="rlhf-pipeline", flow_run_name="{pipeline}", persist_result=False)
+def pipeline_flow(
+    pipeline: str | None = None,
+    overrides: list[str] | None = None,
+    from_stage: str | None = None,
+    only: str | None = None,
+    config_file: str | None = None,
+    home: str | None = None,
+) -> dict:
+    logger = get_run_logger()
+    config_path = Path(config_file) if config_file else rlhf_home.default_config()
+    home_dir = rlhf_home.resolve(home)
+    name, config = load_pipeline(config_path, pipeline, overrides or [])
+    actions = plan(config.stages.present(), from_stage, only)
+
+    tracking.configure(home_dir)
+    experiment = tracking.experiment_id(config.tracking.experiment, home_dir)
+    tags = {
+        "rlhf.config_hash": config.fingerprint(),
+        "rlhf.prefect_flow_run_id": str(flow_run.id),
+        "rlhf.git_commit": tracking.git_commit(config_path.parent),
+        "rlhf.selection": f"--from {from_stage}" if from_stage else f"--only {only}" if only else "all",
+    }
+    records = {}
+    with tracking.pipeline_run(experiment, name, tags) as parent:
+        for stage, action in actions.items():
+            digests, paths = upstream_inputs(stage, records)
+            spec = StageSpec(
+                home=home_dir,
+                pipeline_name=name,
+                pipeline=config,
+                stage=stage,
+                inputs=digests | external_inputs(stage, config),
+                upstream=paths,
+                experiment=experiment,
+                parent_run=parent,
+                force=action == "force",
+            )
+            manifest = spec.dir.manifest()
+            if action == "require" and manifest is None:
+                raise InputError(
+                    f"--only {only}: upstream stage '{stage}' is not complete for this config; "
+                    f"run `rlhf run {name} --from {stage}` first"
+                )
+            if manifest is not None and action != "force":
+                logger.info("stage %s: reused %s (made by MLflow run %s)", stage, spec.fingerprint, manifest["mlflow_run_id"])
+                records[stage] = reuse_stage(spec, manifest)
+            else:
+                logger.info("stage %s: running %s", stage, spec.fingerprint)
+                records[stage] = STAGE_TASKS[stage](spec)
+    return {"pipeline": name, "experiment": experiment, "parent_run": parent, "stages": list(records.values())}

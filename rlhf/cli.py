@@ -1,0 +1,164 @@
+"""The `rlhf` command line. Exit codes: 0 done, 1 a stage failed, 2 bad config or input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rlhf import home as rlhf_home
+from rlhf.errors import InputError, StageFailed
+
+app = typer.Typer(
+    help="Run and inspect RLHF pipelines (data -> SFT -> reward model -> PPO -> evaluation).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+state: dict = {}
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", help="pipelines file [default: ./pipelines.yaml, else the project's]")
+]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", metavar="KEY=VALUE", help="override a pipeline key, e.g. stages.data.eval_fraction=0.1"),
+]
+PipelineArg = Annotated[Optional[str], typer.Argument(help="pipeline name [default: `default:` of the file]")]
+
+
+@app.callback()
+def _options(
+    home: Annotated[
+        Optional[Path], typer.Option("--home", envvar="RLHF_HOME", help="artifacts, MLflow store, Prefect home [default: ./.rlhf]")
+    ] = None,
+) -> None:
+    state["home"] = rlhf_home.resolve(home)
+
+
+def _config(config: Path | None) -> Path:
+    return config or rlhf_home.default_config()
+
+
+@app.command()
+def run(
+    pipeline: PipelineArg = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="run this stage and all after it again")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="run just this stage (its upstream must be complete)")] = None,
+    overrides: SetOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run a pipeline; completed stages whose inputs did not change are reused."""
+    from rlhf.config import load_pipeline
+
+    config = _config(config)
+    load_pipeline(config, pipeline, overrides or [])  # fail fast, before Prefect starts
+    rlhf_home.prepare(state["home"])
+    from flows.pipeline import pipeline_flow
+
+    result = pipeline_flow(
+        pipeline=pipeline,
+        overrides=overrides or [],
+        from_stage=from_stage,
+        only=only,
+        config_file=str(config),
+        home=str(state["home"]),
+    )
+    _summary(result)
+
+
+def _summary(result: dict) -> None:
+    from rlhf.tracking import run_link
+
+    table = Table(title=f"pipeline {result['pipeline']}")
+    for column in ("stage", "action", "seconds", "headline", "MLflow run"):
+        table.add_column(column, overflow="fold")
+    for record in result["stages"]:
+        headline = f"{record.headline[0]} = {_number(record.headline[1])}" if record.headline else ""
+        table.add_row(record.stage, record.action, f"{record.seconds:.1f}", headline, record.run_id)
+    console.print(table)
+    console.print(f"MLflow parent run: {result['parent_run']}")
+    console.print(f"dashboard: rlhf --home {state['home']} ui  ->  {run_link(result['experiment'], result['parent_run'])}")
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:.4g}"
+
+
+@app.command()
+def status(pipeline: PipelineArg = None, overrides: SetOption = None, config: ConfigOption = None) -> None:
+    """One row per stage: state, fingerprint, finished at, headline metric, MLflow run id."""
+    from rlhf.config import load_pipeline
+    from rlhf.stages import stage_states
+
+    name, parsed = load_pipeline(_config(config), pipeline, overrides or [])
+    table = Table(title=f"pipeline {name}  (home {state['home']})")
+    for column in ("stage", "state", "fingerprint", "finished at", "headline", "MLflow run"):
+        table.add_column(column)
+    for row in stage_states(state["home"], name, parsed):
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command("list")
+def list_pipelines(config: ConfigOption = None) -> None:
+    """Pipelines and their stages."""
+    from rlhf.config import load_file
+
+    parsed = load_file(_config(config))
+    for name, pipeline in parsed.pipelines.items():
+        marker = " (default)" if name == parsed.default else ""
+        console.print(f"[bold]{name}[/bold]{marker}: {' -> '.join(pipeline.stages.present())}")
+        if pipeline.description:
+            console.print(f"  {pipeline.description.strip()}")
+
+
+@app.command()
+def validate(config: ConfigOption = None) -> None:
+    """Check the pipelines file and the data files it names, then exit."""
+    from rlhf.config import load_file
+    from rlhf.stages import external_inputs
+
+    path = _config(config)
+    parsed = load_file(path)
+    for pipeline in parsed.pipelines.values():
+        for stage in pipeline.stages.present():
+            external_inputs(stage, pipeline)
+    console.print(f"{path}: ok ({len(parsed.pipelines)} pipelines: {', '.join(parsed.pipelines)})")
+
+
+@app.command()
+def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000) -> None:
+    """Start the MLflow UI on 127.0.0.1 over this home's tracking store."""
+    from rlhf.tracking import is_local, tracking_uri
+
+    uri = tracking_uri(state["home"])
+    if not is_local(uri):
+        console.print(f"tracking server in use: open {uri}")
+        return
+    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    console.print(f"MLflow UI on http://127.0.0.1:{port} over {uri}")
+    os.execv(mlflow_bin, [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)])
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as usage:
+        usage.show()
+        sys.exit(usage.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except (InputError, StageFailed) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

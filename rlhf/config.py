@@ -1,0 +1,248 @@
+"""Typed schema of `pipelines.yaml`, `--set` overrides and loading.
+
+Every model forbids unknown keys, so a typo is an error that names its dotted
+path and the keys allowed there instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhf.errors import InputError
+
+STAGE_ORDER = ("data",)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------- data sources
+
+
+class SyntheticReviewsSource(Strict):
+    """The demo task: seeded product reviews with a known gold reward."""
+
+    source: Literal["synthetic_reviews"]
+    examples: int = Field(20000, ge=10, description="instruction examples to generate")
+    positive_share: float = Field(0.25, ge=0, le=1, description="share of positive reviews")
+
+
+class FileSource(Strict):
+    """A local jsonl, json, parquet or csv file."""
+
+    source: Literal["file"]
+    path: Path
+    format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
+    on_invalid: Literal["error", "drop"] = Field(
+        "error", description="an invalid row stops the stage (error) or is dropped and counted"
+    )
+
+
+class HubSource(Strict):
+    """A data set on the Hugging Face hub, through `datasets.load_dataset`."""
+
+    source: Literal["hub"]
+    name: str
+    subset: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    on_invalid: Literal["error", "drop"] = "error"
+
+
+InstructionSource = Annotated[
+    Union[SyntheticReviewsSource, FileSource, HubSource], Field(discriminator="source")
+]
+PreferenceSource = Annotated[Union[FileSource, HubSource], Field(discriminator="source")]
+
+
+class DataStage(Strict):
+    """Instruction data for SFT, preference pairs for the reward model, prompts for PPO."""
+
+    instructions: InstructionSource | None = None
+    preferences: PreferenceSource | None = None
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of prompts held out")
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> DataStage:
+        if self.instructions is None and self.preferences is None:
+            raise ValueError("give at least one of 'instructions' or 'preferences'")
+        return self
+
+
+# -------------------------------------------------------------------- pipelines
+
+
+class Tracking(Strict):
+    experiment: str
+
+
+class Stages(Strict):
+    data: DataStage
+
+    def present(self) -> list[str]:
+        return [name for name in STAGE_ORDER if getattr(self, name) is not None]
+
+
+class Pipeline(Strict):
+    description: str = ""
+    tracking: Tracking
+    seed: int = 0
+    stages: Stages
+
+    def fingerprint(self) -> str:
+        """Hash of the whole resolved pipeline config, tagged on its MLflow runs."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class PipelinesFile(Strict):
+    default: str
+    pipelines: dict[str, Pipeline]
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> PipelinesFile:
+        if self.default not in self.pipelines:
+            raise ValueError(f"default pipeline {self.default!r} is not defined")
+        return self
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _strip(annotation: Any) -> Any:
+    """Annotated[X] -> X and Optional[X] -> X."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, UnionType) and type(None) in get_args(annotation):
+            rest = [a for a in get_args(annotation) if a is not type(None)]
+            annotation = rest[0] if len(rest) == 1 else Union[tuple(rest)]
+        else:
+            return annotation
+
+
+def _walk(loc: tuple) -> tuple[list[str], Any]:
+    """Follow an error location through the schema.
+
+    Returns the dotted key as the user wrote it (discriminated-union tags that
+    pydantic inserts into locations are dropped) and the model at its end.
+    """
+    node: Any = PipelinesFile
+    shown: list[str] = []
+    for part in loc:
+        node = _strip(node)
+        origin = get_origin(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            shown.append(str(part))
+            field = node.model_fields.get(part)
+            node = field.annotation if field else None
+        elif origin is dict:
+            shown.append(str(part))
+            node = get_args(node)[1]
+        elif origin in (Union, UnionType):
+            node = next((m for m in get_args(node) if part in get_args(m.model_fields["source"].annotation)), None)
+        else:
+            shown.append(str(part))
+            node = None
+    return shown, _strip(node)
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    shown, _ = _walk(tuple(first["loc"]))
+    path = ".".join(shown)
+    if first["type"] == "extra_forbidden":
+        _, parent = _walk(tuple(first["loc"])[:-1])
+        allowed = sorted(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+        return f"{where}: unknown key '{path}'; allowed keys here: {', '.join(allowed)}"
+    value = first.get("input")
+    shown_value = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{where}: '{path}': {first['msg']}{shown_value}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`stages.ppo.iterations=10` -> (['stages','ppo','iterations'], 10)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--set {text!r}: expected KEY=VALUE, e.g. stages.data.eval_fraction=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise InputError(f"--set {key}: value {raw!r} is not a YAML scalar: {exc}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, pipeline: str, overrides: list[str]) -> dict:
+    """Apply `--set` overrides to one pipeline's raw mapping (keys relative to the pipeline)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw["pipelines"][pipeline]
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                dotted = ".".join(keys[: depth + 1])
+                raise InputError(f"--set {'.'.join(keys)}: '{dotted}' is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping with 'default' and 'pipelines'")
+    return raw
+
+
+def _resolve_paths(pipeline: Pipeline, base: Path) -> None:
+    """Relative data paths are relative to the directory of the config file."""
+    data = pipeline.stages.data
+    for source in (data.instructions, data.preferences):
+        if isinstance(source, FileSource) and not source.path.is_absolute():
+            source.path = (base / source.path).resolve()
+
+
+def load_file(path: Path) -> PipelinesFile:
+    raw = read_yaml(path)
+    try:
+        parsed = PipelinesFile.model_validate(raw)
+    except ValidationError as err:
+        raise InputError(_format_validation_error(err, str(path))) from None
+    for pipeline in parsed.pipelines.values():
+        _resolve_paths(pipeline, path.parent)
+    return parsed
+
+
+def load_pipeline(path: Path, name: str | None, overrides: list[str] = ()) -> tuple[str, Pipeline]:
+    """Load one pipeline with overrides applied; validates the whole file first."""
+    raw = read_yaml(path)
+    name = name or raw.get("default")
+    if name not in (raw.get("pipelines") or {}):
+        known = ", ".join(sorted(raw.get("pipelines") or {}))
+        raise InputError(f"{path}: no pipeline named {name!r}; defined: {known}")
+    raw = apply_overrides(raw, name, list(overrides))
+    try:
+        parsed = PipelinesFile.model_validate(raw)
+    except ValidationError as err:
+        raise InputError(_format_validation_error(err, str(path))) from None
+    pipeline = parsed.pipelines[name]
+    _resolve_paths(pipeline, path.parent)
+    return name, pipeline
+
+

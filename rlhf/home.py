@@ -1,0 +1,28 @@
+"""The home directory (`--home`, `RLHF_HOME`, default `./.rlhf`) and the environment it implies."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve(home: str | Path | None) -> Path:
+    return Path(home or os.environ.get("RLHF_HOME") or ".rlhf").expanduser().resolve()
+
+
+def default_config() -> Path:
+    """`./pipelines.yaml` when there is one, else the project's own."""
+    local = Path("pipelines.yaml")
+    return local if local.exists() else PROJECT_ROOT / "pipelines.yaml"
+
+
+def prepare(home: Path) -> None:
+    """Point Prefect (and later Ray) at the home; must run before they are imported."""
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["RLHF_HOME"] = str(home)
+    os.environ["PREFECT_HOME"] = str(home / "prefect")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlhf")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -1,0 +1,129 @@
+"""MLflow: the store under the home, a parent run per pipeline run, a child run per stage.
+
+The parent run is created with the client and never made the *active* run,
+so each stage run is the only active run in its thread: transformers' MLflow
+callback logs into it instead of opening a run of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+PARAM_PREFIX = "cfg."  # keeps our params apart from those transformers' callback logs
+
+
+def tracking_uri(home: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home.resolve()}/mlflow.db"
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def configure(home: Path) -> str:
+    uri = tracking_uri(home)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id(name: str, home: Path) -> str:
+    """Get or create the experiment; a local store keeps its artifacts under the home."""
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = (home.resolve() / "mlartifacts" / name).as_uri() if is_local(mlflow.get_tracking_uri()) else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another process created it first
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def run_link(experiment: str, run_id: str) -> str:
+    uri = mlflow.get_tracking_uri()
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def git_commit(directory: Path) -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+@contextmanager
+def pipeline_run(experiment: str, pipeline: str, tags: dict[str, str]) -> Iterator[str]:
+    """The parent run of one pipeline run; ends FAILED if the pipeline raised."""
+    client = MlflowClient()
+    run = client.create_run(experiment, run_name=pipeline, tags={"rlhf.pipeline": pipeline, **tags})
+    run_id = run.info.run_id
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+@contextmanager
+def stage_run(experiment: str, parent: str, stage: str, resume: str | None, tags: dict[str, str]) -> Iterator[str]:
+    """The stage's child run: a new one, or `resume`, re-hung under the current parent."""
+    if resume is None:
+        run = mlflow.start_run(experiment_id=experiment, run_name=stage, parent_run_id=parent, tags=tags)
+    else:
+        run = mlflow.start_run(run_id=resume)
+        mlflow.set_tags({"mlflow.parentRunId": parent, "rlhf.resumed": "true"})
+    with run:
+        yield run.info.run_id
+
+
+def log_config(config: dict) -> None:
+    params = flatten(config, PARAM_PREFIX)
+    items = list(params.items())
+    for start in range(0, len(items), 100):  # the API takes at most 100 params a call
+        mlflow.log_params(dict(items[start : start + 100]))
+
+
+def record_reused(experiment: str, parent: str, stage: str, manifest: dict) -> str:
+    """A finished child run that says the stage was reused and links to the run that made it."""
+    client = MlflowClient()
+    source = manifest["mlflow_run_id"]
+    run = client.create_run(
+        experiment,
+        run_name=f"{stage} (reused)",
+        tags={
+            "mlflow.parentRunId": parent,
+            "rlhf.stage": stage,
+            "rlhf.reused": "true",
+            "rlhf.reused_from": source,
+            "rlhf.fingerprint": manifest["fingerprint"],
+        },
+    )
+    for name, value in manifest["metrics"].items():
+        client.log_metric(run.info.run_id, name, value)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_tag(parent, f"rlhf.reused.{stage}", source)
+    return run.info.run_id

@@ -1,0 +1,101 @@
+"""Stage 1, data preparation: instruction data, preference pairs and prompts, validated and split.
+
+Reads each configured source, converts every row to the conversational
+shapes TRL trains on (stopping at the first invalid row, or dropping and
+counting invalid rows when the source says `on_invalid: drop`), drops exact
+duplicates, splits by prompt, and writes parquet splits plus statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+
+import mlflow
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NONE
+
+from rlhf import synthetic_reviews
+from rlhf.config import DataStage, SyntheticReviewsSource
+from rlhf.data import formats, prepare, sources
+from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
+from rlhf.store import digest_tree
+
+
+def prepare_data(ctx: StageContext) -> StageResult:
+    config: DataStage = ctx.config
+    datasets, stats = {}, {}
+    for role, source, convert in (
+        ("instructions", config.instructions, formats.instruction),
+        ("preferences", config.preferences, formats.preference),
+    ):
+        if source is None:
+            continue
+        rows, where, on_invalid = _rows(source, ctx.seed)
+        read = Counter()
+        examples, dropped = prepare.normalize(_counted(rows, read), convert, where, on_invalid)
+        datasets[role] = prepare.split(examples, config.eval_fraction, ctx.seed)
+        stats[role] = {"source": where, **prepare.statistics(datasets[role], dropped, read["rows"])}
+
+    datasets["prompts"] = prepare.distinct_prompts(
+        {name: [e for parts in datasets.values() for e in parts[name]] for name in prepare.SPLITS}
+    )
+    stats["prompts"] = {name: {"rows": len(rows)} for name, rows in datasets["prompts"].items()}
+    gold = "synthetic_reviews" if isinstance(config.instructions, SyntheticReviewsSource) else None
+
+    for role, parts in datasets.items():
+        prepare.write_splits(parts, ctx.outputs / role)
+    (ctx.outputs / "stats.json").write_text(json.dumps(stats, indent=2))
+    (ctx.outputs / "task.json").write_text(json.dumps({"gold_reward": gold}))
+
+    for role, parts in datasets.items():
+        for name, examples in parts.items():
+            _log_dataset(role, name, examples, stats.get(role, {}).get("source", role), ctx)
+    metrics = dict(_numbers(stats))
+    mlflow.log_metrics(metrics)
+    mlflow.log_dict(stats, "data/stats.json")
+    headline = "instructions.train.rows" if "instructions" in stats else "preferences.train.rows"
+    return StageResult(metrics=metrics, headline=headline)
+
+
+@task(name="data", cache_policy=NONE, persist_result=False)
+def data_prep(spec: StageSpec) -> StageRecord:
+    return run_stage(spec, prepare_data)
+
+
+def _rows(source, seed: int):
+    """(numbered rows, where they come from, what to do with an invalid row)."""
+    if isinstance(source, SyntheticReviewsSource):
+        generated = synthetic_reviews.generate_examples(source.examples, source.positive_share, seed)
+        rows = ((n, {"prompt": e["prompt"], "completion": e["completion"]}) for n, e in enumerate(generated, 1))
+        return rows, f"synthetic_reviews(seed={seed})", "error"
+    return sources.read_rows(source), sources.describe(source), source.on_invalid
+
+
+def _counted(rows, counter: Counter):
+    for row in rows:
+        counter["rows"] += 1
+        yield row
+
+
+def _numbers(tree: dict, prefix: str = ""):
+    """Numeric leaves of nested statistics as dotted metric names."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)):
+            yield f"{prefix}{key}", float(value)
+
+
+def _log_dataset(role: str, split: str, examples: list[dict], where: str, ctx: StageContext) -> None:
+    """Log a split as an MLflow dataset input, named and digested like the file that holds it."""
+    frame = pd.DataFrame(
+        {column: [formats.text_of(e[column]) for e in examples] for column in examples[0]} if examples else {}
+    )
+    path = ctx.outputs / role / f"{split}.parquet"
+    with warnings.catch_warnings():  # mlflow registers its local source class twice and warns about it
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=where, name=f"{role}-{split}", digest=digest_tree(path)[:16])
+    mlflow.log_input(dataset, context=split)
