@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -60,12 +61,12 @@ def run(
     from rlhf.config import load_pipeline
 
     config = _config(config)
-    load_pipeline(config, pipeline, overrides or [])  # fail fast, before Prefect starts
+    name, _ = load_pipeline(config, pipeline, overrides or [])  # fail fast, before Prefect starts
     rlhf_home.prepare(state["home"])
     from flows.pipeline import pipeline_flow
 
     result = pipeline_flow(
-        pipeline=pipeline,
+        pipeline=name,
         overrides=overrides or [],
         from_stage=from_stage,
         only=only,
@@ -150,6 +151,10 @@ def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000) -> N
 
 
 def main() -> None:
+    # Registered first so it runs last: the error stays the final line, after
+    # Prefect's temporary server has said that it stopped.
+    pending: list[str] = []
+    atexit.register(lambda: pending and print(pending[0], file=sys.stderr))
     try:
         app(standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -160,5 +165,5 @@ def main() -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     except (InputError, StageFailed) as error:
-        print(f"error: {error}", file=sys.stderr)
+        pending.append(f"error: {error}")
         sys.exit(error.exit_code)

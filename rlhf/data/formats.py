@@ -37,7 +37,7 @@ def instruction(row: dict) -> dict:
 
 
 def preference(row: dict) -> dict:
-    """-> {prompt: messages, chosen: [assistant message], rejected: [assistant message]}"""
+    """-> {prompt: messages, chosen: messages, rejected: messages}; replies start with the assistant."""
     chosen, rejected = _field(row, "chosen"), _field(row, "rejected")
     if "prompt" in row:
         pair = {
@@ -47,6 +47,9 @@ def preference(row: dict) -> dict:
         }
     else:
         pair = _split_shared_prompt(_dialogue(chosen, "chosen"), _dialogue(rejected, "rejected"))
+    for name in ("prompt", "chosen", "rejected"):
+        if any(not m["content"].strip() for m in pair[name]):
+            raise RowProblem("empty", f"a turn of '{name}' is empty")
     if pair["chosen"] == pair["rejected"]:
         raise RowProblem("identical", "'chosen' and 'rejected' are identical")
     return pair
@@ -67,12 +70,14 @@ def _text(value, name: str) -> str:
         raise RowProblem("wrong_type", f"'{name}' must be text, got {type(value).__name__}")
     if not value.strip():
         raise RowProblem("empty", f"'{name}' is empty")
-    return value.strip()
+    return value
 
 
 def _messages(value, name: str) -> Messages:
-    if not isinstance(value, list) or not value:
-        raise RowProblem("wrong_type" if value else "empty", f"'{name}' must be a non-empty list of messages")
+    if not isinstance(value, list):
+        raise RowProblem("wrong_type", f"'{name}' must be text or a list of messages, got {type(value).__name__}")
+    if not value:
+        raise RowProblem("empty", f"'{name}' is an empty list of messages")
     messages = []
     for index, message in enumerate(value):
         where = f"{name}[{index}]"
@@ -92,8 +97,8 @@ def _reply(value, name: str) -> Messages:
     if isinstance(value, str):
         return [{"role": "assistant", "content": _text(value, name)}]
     messages = _messages(value, name)
-    if len(messages) != 1 or messages[0]["role"] != "assistant":
-        raise RowProblem("wrong_type", f"'{name}' must be one assistant message when 'prompt' is given")
+    if messages[0]["role"] != "assistant":
+        raise RowProblem("wrong_type", f"'{name}' must start with an assistant turn when 'prompt' is given")
     return messages
 
 
@@ -106,23 +111,25 @@ def _dialogue(value, name: str) -> Messages:
 
 def _parse_hh(text: str, name: str) -> Messages:
     parts = _HH_TURN.split(text)
-    if len(parts) < 3 or parts[0].strip():
+    if len(parts) < 3 or parts[0]:
         raise RowProblem("wrong_type", f"'{name}' is neither a message list nor HH-RLHF text ('\\n\\nHuman: ...')")
+    # Drop only the space after "Human:", so the turns rebuild the text exactly.
     return [
-        {"role": _HH_ROLES[role], "content": content.strip()}
+        {"role": _HH_ROLES[role], "content": content[1:] if content.startswith(" ") else content}
         for role, content in zip(parts[1::2], parts[2::2])
     ]
 
 
 def _split_shared_prompt(chosen: Messages, rejected: Messages) -> dict:
-    for name, dialogue in (("chosen", chosen), ("rejected", rejected)):
-        if dialogue[-1]["role"] != "assistant" or len(dialogue) < 2:
-            raise RowProblem("wrong_type", f"'{name}' must end with an assistant turn after the prompt")
-        if not dialogue[-1]["content"]:
-            raise RowProblem("empty", f"the last turn of '{name}' is empty")
-    if chosen[:-1] != rejected[:-1]:
-        raise RowProblem("no_shared_prompt", "'chosen' and 'rejected' differ before their last assistant turn")
-    for message in chosen[:-1]:
-        if not message["content"]:
-            raise RowProblem("empty", "a prompt turn is empty")
-    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+    """The prompt is the longest shared opening that both replies continue with an assistant turn.
+
+    HH-RLHF replies are sometimes several turns long; they stay whole, so
+    prompt + reply rebuilds each original dialogue.
+    """
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    for cut in range(shared, 0, -1):
+        if cut < len(chosen) and cut < len(rejected) and chosen[cut]["role"] == rejected[cut]["role"] == "assistant":
+            return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+    raise RowProblem("no_shared_prompt", "'chosen' and 'rejected' share no prompt that both answer as the assistant")

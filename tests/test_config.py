@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import load_file, load_pipeline, parse_override
+from rlhf.errors import InputError
+
+
+def test_unknown_key_names_dotted_path_and_allowed_keys(project: Path):
+    with pytest.raises(InputError) as err:
+        load_pipeline(project / "pipelines.yaml", "tiny", ["stages.data.bogus=1"])
+    message = str(err.value)
+    assert "pipelines.tiny.stages.data.bogus" in message
+    assert "allowed keys here: eval_fraction, instructions, preferences" in message
+
+
+def test_unknown_key_inside_a_source_names_the_path_without_the_union_tag(project: Path):
+    with pytest.raises(InputError) as err:
+        load_pipeline(project / "pipelines.yaml", "tiny", ["stages.data.preferences.colour=red"])
+    assert "'pipelines.tiny.stages.data.preferences.colour'" in str(err.value)
+    assert "format, on_invalid, path, source" in str(err.value)
+
+
+def test_wrong_value_names_path_and_value(project: Path):
+    with pytest.raises(InputError) as err:
+        load_pipeline(project / "pipelines.yaml", "tiny", ["stages.data.eval_fraction=lots"])
+    assert "'pipelines.tiny.stages.data.eval_fraction'" in str(err.value)
+    assert "'lots'" in str(err.value)
+
+
+def test_overrides_parse_yaml_scalars_and_apply(project: Path):
+    assert parse_override("a.b=10") == (["a", "b"], 10)
+    assert parse_override("a=0.5") == (["a"], 0.5)
+    assert parse_override("a=true") == (["a"], True)
+    assert parse_override("a=null") == (["a"], None)
+    assert parse_override("a=x=y") == (["a"], "x=y")
+    _, pipeline = load_pipeline(project / "pipelines.yaml", None, ["seed=7", "stages.data.instructions.examples=99"])
+    assert pipeline.seed == 7 and pipeline.stages.data.instructions.examples == 99
+
+
+def test_bad_override_syntax_and_unknown_pipeline(project: Path):
+    with pytest.raises(InputError, match="expected KEY=VALUE"):
+        load_pipeline(project / "pipelines.yaml", "tiny", ["seed"])
+    with pytest.raises(InputError, match="no pipeline named 'nope'; defined: tiny"):
+        load_pipeline(project / "pipelines.yaml", "nope")
+    with pytest.raises(InputError, match="'seed' is a value, not a section"):
+        load_pipeline(project / "pipelines.yaml", "tiny", ["seed.x=1"])
+
+
+def test_relative_paths_resolve_against_the_config_file(project: Path):
+    _, pipeline = load_pipeline(project / "pipelines.yaml", "tiny")
+    assert pipeline.stages.data.preferences.path == project / "prefs.jsonl"
+
+
+def test_the_shipped_pipelines_file_is_valid():
+    parsed = load_file(Path(__file__).resolve().parents[1] / "pipelines.yaml")
+    assert parsed.default == "demo"
+    assert parsed.pipelines["demo"].stages.data.instructions.source == "synthetic_reviews"
