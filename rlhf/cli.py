@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import sys
@@ -63,6 +64,7 @@ def run(
     config = _config(config)
     name, _ = load_pipeline(config, pipeline, overrides or [])  # fail fast, before Prefect starts
     rlhf_home.prepare(state["home"])
+    logging.getLogger("rlhf").setLevel(logging.INFO)
     from flows.pipeline import pipeline_flow
 
     result = pipeline_flow(

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rlhf.errors import InputError
 
-STAGE_ORDER = ("data",)
+STAGE_ORDER = ("data", "sft", "reward")
 
 
 class Strict(BaseModel):
@@ -77,6 +77,96 @@ class DataStage(Strict):
         return self
 
 
+# ----------------------------------------------------------------------- models
+
+
+class ScratchModel(Strict):
+    """A byte-level BPE tokenizer trained on the stage's text and a Llama-style model from random weights."""
+
+    init: Literal["scratch"]
+    vocab_size: int = Field(1024, ge=300)
+    hidden_size: int = Field(128, ge=8)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+    max_positions: int = Field(256, ge=16)
+
+
+class PretrainedModel(Strict):
+    """A model from a local directory or a hub id (`HF_HUB_OFFLINE` respected)."""
+
+    init: Literal["pretrained"]
+    path: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+ModelSource = Annotated[Union[ScratchModel, PretrainedModel], Field(discriminator="init")]
+
+
+class Lora(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class Training(Strict):
+    """Trainer settings shared by the SFT and reward stages."""
+
+    learning_rate: float = Field(gt=0)
+    batch_size: int = Field(32, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="stop after this many steps; -1 runs all epochs")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(128, ge=8, description="tokens per example, prompt included")
+    eval_steps: int = Field(50, ge=1)
+    eval_rows: int = Field(512, ge=1, description="held-out rows used for each evaluation")
+    save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point)")
+    save_total_limit: int = Field(2, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    lora: Lora | None = None
+
+
+class SftStage(Training):
+    """Instruction SFT with TRL's SFTTrainer; loss on the completion only."""
+
+    model: ModelSource
+    samples: int = Field(8, ge=0, description="eval prompts to generate for the samples table")
+    max_new_tokens: int = Field(48, ge=1)
+
+    @model_validator(mode="after")
+    def _scratch_is_full(self) -> SftStage:
+        if isinstance(self.model, ScratchModel) and self.lora is not None:
+            raise ValueError("a scratch model starts from random weights: train it fully (lora: null)")
+        return self
+
+
+class PolicyPairs(Strict):
+    """Two samples per prompt from the SFT policy, labelled by the task's gold reward."""
+
+    source: Literal["policy"]
+    count: int = Field(3000, ge=2, description="training pairs")
+    eval_count: int = Field(300, ge=2, description="held-out pairs, from held-out prompts")
+    min_gold_gap: float = Field(0.25, ge=0, description="pairs whose gold rewards differ less are dropped")
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class DataPairs(Strict):
+    """The preference pairs of the data stage."""
+
+    source: Literal["data"]
+
+
+class RewardStage(Training):
+    """A scalar-head reward model trained on preference pairs with TRL's RewardTrainer."""
+
+    model: ModelSource | None = Field(None, description="null: the SFT stage's model")
+    pairs: Annotated[Union[PolicyPairs, DataPairs], Field(discriminator="source")]
+
+
 # -------------------------------------------------------------------- pipelines
 
 
@@ -86,6 +176,17 @@ class Tracking(Strict):
 
 class Stages(Strict):
     data: DataStage
+    sft: SftStage | None = None
+    reward: RewardStage | None = None
+
+    @model_validator(mode="after")
+    def _reward_has_a_model(self) -> Stages:
+        if self.reward is not None and self.sft is None:
+            if self.reward.model is None:
+                raise ValueError("stages.reward.model is required when the pipeline has no sft stage")
+            if isinstance(self.reward.pairs, PolicyPairs):
+                raise ValueError("stages.reward.pairs.source 'policy' samples the SFT policy: add an sft stage")
+        return self
 
     def present(self) -> list[str]:
         return [name for name in STAGE_ORDER if getattr(self, name) is not None]
@@ -130,6 +231,11 @@ def _strip(annotation: Any) -> Any:
             return annotation
 
 
+def _tagged(model: type[BaseModel], tag: Any) -> bool:
+    """Whether `tag` is the discriminator value of `model` in a tagged union."""
+    return any(get_origin(f.annotation) is Literal and tag in get_args(f.annotation) for f in model.model_fields.values())
+
+
 def _walk(loc: tuple) -> tuple[list[str], Any]:
     """Follow an error location through the schema.
 
@@ -149,7 +255,7 @@ def _walk(loc: tuple) -> tuple[list[str], Any]:
             shown.append(str(part))
             node = get_args(node)[1]
         elif origin in (Union, UnionType):
-            node = next((m for m in get_args(node) if part in get_args(m.model_fields["source"].annotation)), None)
+            node = next((m for m in get_args(node) if _tagged(m, part)), None)
         else:
             shown.append(str(part))
             node = None

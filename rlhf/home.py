@@ -26,3 +26,6 @@ def prepare(home: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlhf")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_DATASETS_CACHE", str(home / "cache" / "datasets"))
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # per-map bars drown the progress lines
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -29,7 +29,7 @@ from rlhf.store import StageDir, digest_tree, fingerprint
 log = logging.getLogger("rlhf")
 
 # Which completed stages each stage reads.
-UPSTREAM: dict[str, tuple[str, ...]] = {"data": ()}
+UPSTREAM: dict[str, tuple[str, ...]] = {"data": (), "sft": ("data",), "reward": ("data", "sft")}
 
 _VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "mlflow", "prefect", "ray", "rlhf-pipeline")
 _RUN_ID_FILE = "mlflow_run_id"
@@ -103,11 +103,12 @@ def stage_states(home: Path, name: str, pipeline: Pipeline) -> list[tuple[str, .
     """Rows for `rlhf status`: stage, state, fingerprint, finished at, headline, MLflow run."""
     rows, digests = [], {}
     for stage in pipeline.stages.present():
-        waiting = [u for u in UPSTREAM[stage] if u not in digests]
+        reads = [u for u in UPSTREAM[stage] if u in pipeline.stages.present()]
+        waiting = [u for u in reads if u not in digests]
         if waiting:
             rows.append((stage, f"waits for {waiting[0]}", "", "", "", ""))
             continue
-        inputs = {u: digests[u] for u in UPSTREAM[stage]} | external_inputs(stage, pipeline)
+        inputs = {u: digests[u] for u in reads} | external_inputs(stage, pipeline)
         stage_fp = stage_fingerprint(pipeline, stage, inputs)
         stage_dir = StageDir.of(home, name, stage, stage_fp)
         manifest = stage_dir.manifest()
@@ -139,9 +140,9 @@ def external_inputs(stage: str, pipeline: Pipeline) -> dict[str, str]:
 
 
 def upstream_inputs(stage: str, records: dict[str, StageRecord]) -> tuple[dict[str, str], dict[str, Path]]:
-    digests = {name: records[name].digest for name in UPSTREAM[stage]}
-    paths = {name: records[name].outputs for name in UPSTREAM[stage]}
-    return digests, paths
+    """Digests and output paths of the completed upstream stages this stage reads."""
+    names = [name for name in UPSTREAM[stage] if name in records]
+    return {name: records[name].digest for name in names}, {name: records[name].outputs for name in names}
 
 
 def versions() -> dict[str, str]:

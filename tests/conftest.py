@@ -33,6 +33,59 @@ pipelines:
           source: file
           path: prefs.jsonl
         eval_fraction: 0.2
+  tiny-rlhf:
+    description: data, sft and reward at test scale
+    tracking:
+      experiment: tests-rlhf
+    seed: 0
+    stages:
+      data:
+        instructions:
+          source: synthetic_reviews
+          examples: 600
+        eval_fraction: 0.2
+      sft:
+        model: {init: scratch, vocab_size: 400, hidden_size: 32, layers: 2, heads: 2, intermediate_size: 64}
+        learning_rate: 0.003
+        batch_size: 16
+        max_steps: 30
+        eval_steps: 10
+        eval_rows: 64
+        save_steps: 5
+        logging_steps: 5
+        samples: 4
+        max_new_tokens: 24
+      reward:
+        pairs: {source: policy, count: 64, eval_count: 24, min_gold_gap: 0.25, max_new_tokens: 24}
+        learning_rate: 0.001
+        batch_size: 8
+        max_steps: 24
+        eval_steps: 8
+        save_steps: 4
+        logging_steps: 4
+  hh-tiny:
+    description: the real-data path on the shared HH-RLHF sample, tiny model, few steps
+    tracking:
+      experiment: tests-hh
+    seed: 0
+    stages:
+      data:
+        preferences:
+          source: file
+          path: HH_FILE
+          on_invalid: drop
+        eval_fraction: 0.1
+      reward:
+        model: {init: scratch, vocab_size: 512, hidden_size: 32, layers: 2, heads: 2, intermediate_size: 64}
+        pairs: {source: data}
+        learning_rate: 0.001
+        batch_size: 8
+        max_steps: 10
+        max_length: 256
+        eval_steps: 10
+        eval_rows: 32
+        save_steps: 10
+        logging_steps: 5
 """
 
 
@@ -55,7 +108,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A directory with a tiny pipelines.yaml and its preference file."""
-    (tmp_path / "pipelines.yaml").write_text(TINY_PIPELINES)
+    (tmp_path / "pipelines.yaml").write_text(TINY_PIPELINES.replace("HH_FILE", str(HH_FILE)))
     write_jsonl(tmp_path / "prefs.jsonl", preference_rows())
     return tmp_path
 

@@ -1,0 +1,101 @@
+"""What the SFT and reward stages share around the TRL trainers: arguments, LoRA, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from rlhf.config import Lora, Training
+
+log = logging.getLogger("rlhf")
+
+
+def trainer_arguments(config: Training, seed: int, output_dir: Path) -> dict:
+    """Keyword arguments for SFTConfig / RewardConfig from a stage's typed block."""
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a share of all steps
+        weight_decay=config.weight_decay,
+        max_length=config.max_length,
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        report_to=["mlflow"],
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not on_gpu,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # progress goes to the log as lines, which Prefect keeps
+    )
+
+
+def lora_config(lora: Lora | None, task_type: str, modules_to_save: list[str] | None = None):
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
+def resume_point(trainer_dir: Path) -> tuple[str | None, int]:
+    """The newest *complete* HF checkpoint in the work dir and its step (None, 0 when starting fresh).
+
+    The Trainer writes `trainer_state.json` last, so a checkpoint a crash cut
+    short has none (or a torn one) and is skipped.
+    """
+    complete = []
+    for checkpoint in trainer_dir.glob("checkpoint-*") if trainer_dir.is_dir() else ():
+        try:
+            step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+        except (OSError, ValueError, KeyError):
+            continue
+        complete.append((step, checkpoint))
+    if not complete:
+        return None, 0
+    step, checkpoint = max(complete)
+    log.info("resuming from %s (step %d)", checkpoint, step)
+    return str(checkpoint), step
+
+
+def eval_subset(dataset, rows: int, seed: int):
+    return dataset.shuffle(seed=seed).select(range(min(rows, len(dataset))))
+
+
+def tokens_per_second(log_history: list[dict], resumed_from_step: int, runtime: float) -> float:
+    """Training tokens per second of this attempt, from TRL's cumulative `num_tokens` log."""
+    counts = [(entry["step"], entry["num_tokens"]) for entry in log_history if "num_tokens" in entry]
+    if not counts or runtime <= 0:
+        return 0.0
+    before = max((n for step, n in counts if step <= resumed_from_step), default=0.0)
+    return (counts[-1][1] - before) / runtime
+
+
+def save_policy(trainer, tokenizer, outputs: Path) -> None:
+    """The trained model with its tokenizer; a LoRA adapter is kept and also merged into the base."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(outputs / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(outputs / "model")
+    tokenizer.save_pretrained(outputs / "model")

@@ -1,0 +1,129 @@
+"""Stage 3, the reward model: TRL's RewardTrainer on preference pairs, a scalar head on the SFT backbone.
+
+Pairs come from the data stage (real preference data) or, for a task with a
+gold reward, are sampled from the SFT policy: two responses per prompt,
+ordered by gold, near-ties dropped. Pair accuracy is measured on held-out
+pairs before and after training. The mean and standard deviation of scores
+on policy samples are saved with the model so PPO can normalise rewards.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import mlflow
+from prefect import task
+from prefect.cache_policies import NONE
+from trl import RewardConfig, RewardTrainer
+
+from rlhf import generation, models, pairs, synthetic_reviews, training
+from rlhf.config import PolicyPairs, RewardStage
+from rlhf.data.formats import text_of
+from rlhf.data.prepare import load_splits, write_splits
+from rlhf.errors import InputError
+from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
+
+
+def train_reward(ctx: StageContext) -> StageResult:
+    config: RewardStage = ctx.config
+    data_dir = ctx.upstream["data"]
+    if config.model is None:
+        base = ctx.upstream["sft"] / "model"
+    else:
+        texts = (text_of(r["prompt"]) + "\n" + text_of(r["chosen"]) for r in load_splits(data_dir / "preferences")["train"])
+        base = models.provision(config.model, texts, ctx.seed, "stages.reward.model", ctx.work / "base")
+    tokenizer = models.load_tokenizer(base)
+
+    pair_dir = ctx.work / "pairs"  # made once per attempt, so a resumed attempt trains on the same pairs
+    if not (pair_dir / "eval.parquet").exists():
+        _make_pairs(config, ctx, base, tokenizer)
+    data = load_splits(pair_dir)
+    held_out = training.eval_subset(data["eval"], config.eval_rows, ctx.seed)
+
+    model = models.load_reward_model(base, tokenizer.pad_token_id)
+    accuracy_before, _ = _pair_accuracy(model, tokenizer, held_out, config.max_length)
+    trainer = RewardTrainer(
+        model=model,
+        args=RewardConfig(**training.trainer_arguments(config, ctx.seed, ctx.work / "trainer")),
+        train_dataset=data["train"],
+        eval_dataset=held_out,
+        processing_class=tokenizer,
+        peft_config=training.lora_config(config.lora, "SEQ_CLS", modules_to_save=["score"]),
+    )
+    checkpoint, resumed_from_step = training.resume_point(ctx.work / "trainer")
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.evaluate()
+
+    training.save_policy(trainer, tokenizer, ctx.outputs)
+    reward_model = models.load_reward_model(ctx.outputs / "model", tokenizer.pad_token_id)
+    accuracy, scored = _pair_accuracy(reward_model, tokenizer, held_out, config.max_length)
+    normalisation = _normalisation(reward_model, tokenizer, data["train"], config.max_length, ctx.seed)
+    (ctx.outputs / "normalisation.json").write_text(json.dumps(normalisation))
+    write_splits({split: list(data[split]) for split in data}, ctx.outputs / "pairs")
+
+    metrics = {
+        "eval_accuracy": accuracy,
+        "eval_accuracy_before": accuracy_before,
+        "train_loss": result.training_loss,
+        "train_steps": float(trainer.state.global_step),
+        "train_pairs": float(len(data["train"])),
+        "eval_pairs": float(len(held_out)),
+        "resumed_from_step": float(resumed_from_step),
+        "score_mean": normalisation["mean"],
+        "score_std": normalisation["std"],
+    }
+    mlflow.log_metrics({f"reward.{k}": v for k, v in metrics.items()})
+    mlflow.log_dict(normalisation, "reward/normalisation.json")
+    mlflow.log_table(scored, artifact_file="reward/held_out_pairs.json")
+    return StageResult(metrics=metrics, headline="eval_accuracy")
+
+
+@task(name="reward", cache_policy=NONE, persist_result=False)
+def reward(spec: StageSpec) -> StageRecord:
+    return run_stage(spec, train_reward)
+
+
+def _make_pairs(config: RewardStage, ctx: StageContext, base, tokenizer) -> None:
+    data_dir = ctx.upstream["data"]
+    if not isinstance(config.pairs, PolicyPairs):
+        if not (data_dir / "preferences").exists():
+            raise InputError("stages.reward.pairs.source: 'data' needs stages.data.preferences")
+        preferences = load_splits(data_dir / "preferences")
+        write_splits({split: list(preferences[split]) for split in preferences}, ctx.work / "pairs")
+        return
+    if json.loads((data_dir / "task.json").read_text())["gold_reward"] != "synthetic_reviews":
+        raise InputError("stages.reward.pairs.source: 'policy' needs a task with a gold reward; use 'data'")
+    prompts = load_splits(data_dir / "prompts")
+    policy = models.load_causal_lm(base)
+    made = {}
+    for split, count, offset in (("train", config.pairs.count, 0), ("eval", config.pairs.eval_count, 10_000)):
+        made[split] = pairs.sample_pairs(
+            policy, tokenizer, list(prompts[split]["prompt"]), count, synthetic_reviews.gold_reward,
+            config.pairs.min_gold_gap, config.pairs.max_new_tokens, config.pairs.temperature, ctx.seed + offset,
+        )
+    write_splits(made, ctx.work / "pairs")
+
+
+def _pair_accuracy(model, tokenizer, held_out, max_length: int) -> tuple[float, dict]:
+    prompts = list(held_out["prompt"])
+    chosen = generation.score(model, tokenizer, prompts, [text_of(c) for c in held_out["chosen"]], max_length)
+    rejected = generation.score(model, tokenizer, prompts, [text_of(r) for r in held_out["rejected"]], max_length)
+    accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
+    table = {
+        "prompt": [text_of(p) for p in prompts],
+        "chosen": [text_of(c) for c in held_out["chosen"]],
+        "rejected": [text_of(r) for r in held_out["rejected"]],
+        "chosen_score": chosen,
+        "rejected_score": rejected,
+    }
+    return accuracy, table
+
+
+def _normalisation(model, tokenizer, train_pairs, max_length: int, seed: int) -> dict:
+    """Score mean and std over responses of the pair set (policy samples for sampled pairs)."""
+    subset = train_pairs.shuffle(seed=seed).select(range(min(512, len(train_pairs))))
+    prompts = list(subset["prompt"]) * 2
+    responses = [text_of(c) for c in subset["chosen"]] + [text_of(r) for r in subset["rejected"]]
+    scores = generation.score(model, tokenizer, prompts, responses, max_length)
+    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "count": len(scores)}

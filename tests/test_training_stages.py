@@ -1,0 +1,116 @@
+"""SFT and reward stages through the real CLI, Prefect flow, TRL trainers and MLflow store, at tiny scale."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import HH_FILE, kill_group, wait_for
+from rlhf import models
+
+pytestmark = pytest.mark.slow
+
+
+def manifest(home: Path, stage: str, pipeline: str = "tiny-rlhf") -> dict:
+    [path] = (home / "runs" / pipeline / stage).glob("*/manifest.json")
+    return json.loads(path.read_text())
+
+
+def actions(stdout: str) -> dict[str, str]:
+    rows = [line.split("│") for line in stdout.splitlines() if line.startswith("│ ") and line.count("│") == 6]
+    return {cells[1].strip(): cells[2].strip() for cells in rows if cells[1].strip()}
+
+
+def test_sft_and_reward_run_reuse_and_rerun_what_changed(cli):
+    first = cli("run", "tiny-rlhf")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert actions(first.stdout) == {"data": "ran", "sft": "ran", "reward": "ran"}
+    sft, reward = manifest(cli.home, "sft"), manifest(cli.home, "reward")
+    assert sft["metrics"]["eval_loss"] < sft["metrics"]["eval_loss_first"]
+    assert sft["metrics"]["train_steps"] == 30 and sft["metrics"]["train_tokens_per_second"] > 0
+    assert reward["metrics"]["eval_pairs"] == 24 and 0 <= reward["metrics"]["eval_accuracy"] <= 1
+    assert reward["inputs"]["sft"] == sft["outputs"]["digest"]
+    outputs = Path(reward["outputs"]["path"])
+    assert json.loads((outputs / "normalisation.json").read_text())["std"] > 0
+    assert models.load_reward_model(outputs / "model", 0).config.num_labels == 1
+    assert models.load_tokenizer(Path(sft["outputs"]["path"]) / "model").chat_template == models.CHAT_TEMPLATE
+
+    mlflow.set_tracking_uri(f"sqlite:///{cli.home}/mlflow.db")
+    client = mlflow.MlflowClient()
+    sft_run = client.get_run(sft["mlflow_run_id"])
+    assert sft_run.data.params["cfg.learning_rate"] == "0.003"
+    assert sft_run.data.params["learning_rate"] == "0.003"  # transformers' own callback logged into our run
+    assert len(client.get_metric_history(sft_run.info.run_id, "eval_loss")) >= 3
+    assert "samples/sft_generations.json" in [a.path for a in client.list_artifacts(sft_run.info.run_id, "samples")]
+    reward_artifacts = [a.path for a in client.list_artifacts(reward["mlflow_run_id"], "reward")]
+    assert "reward/held_out_pairs.json" in reward_artifacts
+    assert len(mlflow.search_runs(experiment_names=["tests-rlhf"], output_format="list")) == 4  # no stray runs
+
+    changed = cli("run", "tiny-rlhf", "--set", "stages.sft.learning_rate=0.002")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert actions(changed.stdout) == {"data": "reused", "sft": "ran", "reward": "ran"}
+
+    again = cli("run", "tiny-rlhf", "--set", "stages.sft.learning_rate=0.002", "--from", "reward")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert actions(again.stdout) == {"data": "reused", "sft": "reused", "reward": "ran"}
+
+    blocked = cli("run", "tiny-rlhf", "--set", "stages.sft.learning_rate=0.001", "--only", "reward")
+    assert blocked.returncode == 2
+    assert "upstream stage 'sft' is not complete" in blocked.stderr.strip().splitlines()[-1]
+
+
+def _kill_after_first_checkpoint(cli, stage: str, *args: str) -> str:
+    """Start a run, SIGKILL it once `stage` has a complete checkpoint; return that attempt's MLflow run id."""
+    process = cli.start("run", "tiny-rlhf", *args)
+    stage_dir = cli.home / "runs" / "tiny-rlhf" / stage
+    checkpoints = lambda: list(stage_dir.glob("*/work/trainer/checkpoint-*/trainer_state.json"))  # noqa: E731
+    wait_for(lambda: checkpoints() or process.poll() is not None, 600, f"a {stage} checkpoint")
+    assert process.poll() is None, process.stdout.read()[-3000:]
+    kill_group(process)
+    assert not list(stage_dir.glob("*/manifest.json"))
+    return next(stage_dir.glob("*/work/mlflow_run_id")).read_text()
+
+
+def test_sft_killed_after_a_checkpoint_resumes_to_the_same_result(cli, project):
+    longer = ["--set", "stages.sft.max_steps=80"]
+    process_run = _kill_after_first_checkpoint(cli, "sft", *longer)
+    rerun = cli("run", "tiny-rlhf", *longer)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert actions(rerun.stdout)["sft"] == "resumed"
+    resumed = manifest(cli.home, "sft")
+    assert resumed["mlflow_run_id"] == process_run and resumed["resumed"]
+    assert resumed["metrics"]["resumed_from_step"] >= 5 and resumed["metrics"]["train_steps"] == 80
+    assert "resuming from" in rerun.stderr and "checkpoint-" in rerun.stderr
+
+    uninterrupted = type(cli)(project, project / "home-2")("run", "tiny-rlhf", *longer, "--only", "data")
+    assert uninterrupted.returncode == 0
+    straight = type(cli)(project, project / "home-2")("run", "tiny-rlhf", *longer)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    reference = manifest(project / "home-2", "sft")
+    assert resumed["fingerprint"] == reference["fingerprint"]
+    assert resumed["metrics"]["eval_loss"] == pytest.approx(reference["metrics"]["eval_loss"], abs=1e-3)
+
+
+def test_reward_killed_after_a_checkpoint_resumes(cli):
+    longer = ["--set", "stages.reward.max_steps=60"]
+    crashed_run = _kill_after_first_checkpoint(cli, "reward", *longer)
+    rerun = cli("run", "tiny-rlhf", *longer)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert actions(rerun.stdout) == {"data": "reused", "sft": "reused", "reward": "resumed"}
+    resumed = manifest(cli.home, "reward")
+    assert resumed["mlflow_run_id"] == crashed_run
+    assert resumed["metrics"]["resumed_from_step"] >= 4 and resumed["metrics"]["train_steps"] == 60
+
+
+@pytest.mark.skipif(not HH_FILE.exists(), reason=f"{HH_FILE} is absent (shared HH-RLHF sample)")
+def test_reward_model_on_real_hh_rlhf_dialogues(cli):
+    done = cli("run", "hh-tiny")
+    assert done.returncode == 0, done.stderr[-3000:]
+    data, reward = manifest(cli.home, "data", "hh-tiny"), manifest(cli.home, "reward", "hh-tiny")
+    assert data["metrics"]["preferences.dropped.identical"] == 6
+    kept = data["metrics"]["preferences.train.rows"] + data["metrics"]["preferences.eval.rows"]
+    assert 985 <= kept <= 994
+    assert reward["metrics"]["train_steps"] == 10 and 0 <= reward["metrics"]["eval_accuracy"] <= 1
+    mlflow.set_tracking_uri(f"sqlite:///{cli.home}/mlflow.db")
+    assert "eval_accuracy" in mlflow.get_run(reward["mlflow_run_id"]).data.metrics
