@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rlhf.errors import InputError
 
-STAGE_ORDER = ("data", "sft", "reward")
+STAGE_ORDER = ("data", "sft", "reward", "ppo")
 
 
 class Strict(BaseModel):
@@ -167,6 +167,57 @@ class RewardStage(Training):
     pairs: Annotated[Union[PolicyPairs, DataPairs], Field(discriminator="source")]
 
 
+class KLPenalty(Strict):
+    """The KL coefficient beta: fixed, or adaptive towards `target` (nats per sequence)."""
+
+    beta: float = Field(0.05, ge=0)
+    target: float | None = Field(6.0, gt=0, description="null keeps beta fixed")
+    horizon: int = Field(10000, ge=1)
+    estimator: Literal["k1", "k3"] = "k1"
+
+
+class PpoStage(Strict):
+    """PPO with a LoRA policy on the SFT model, a critic from the reward model, on Ray Train."""
+
+    iterations: int = Field(80, ge=1)
+    batch_size: int = Field(32, ge=1, description="prompts per iteration, over all workers")
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    epochs: int = Field(4, ge=1, description="PPO epochs over each rollout batch")
+    minibatches: int = Field(4, ge=1, description="minibatches per epoch on each worker")
+    learning_rate: float = Field(1e-3, gt=0, description="policy (LoRA) learning rate")
+    critic_learning_rate: float = Field(1e-3, gt=0)
+    lora: Lora = Lora()
+    critic_lora: Lora | None = Field(None, description="null trains the critic fully")
+    kl: KLPenalty = KLPenalty()
+    clip_ratio: float = Field(0.2, gt=0)
+    clip_value: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    reward_clip: float | None = Field(5.0, gt=0)
+    missing_eos_penalty: float | None = Field(None, description="score given to responses that hit the length limit")
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(10, ge=1, description="iterations between Ray Train checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    samples_every: int = Field(20, ge=1, description="iterations between sample tables in MLflow")
+    max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> PpoStage:
+        if self.batch_size % self.minibatches:
+            raise ValueError("batch_size must be a multiple of minibatches")
+        return self
+
+
+class RayConfig(Strict):
+    """Where PPO runs: a local cluster by default, `address` (or RAY_ADDRESS) for an existing one."""
+
+    address: str | None = None
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: int = Field(1, ge=1, description="also the torch threads of each worker")
+    use_gpu: bool = False
+
+
 # -------------------------------------------------------------------- pipelines
 
 
@@ -178,6 +229,7 @@ class Stages(Strict):
     data: DataStage
     sft: SftStage | None = None
     reward: RewardStage | None = None
+    ppo: PpoStage | None = None
 
     @model_validator(mode="after")
     def _reward_has_a_model(self) -> Stages:
@@ -186,6 +238,8 @@ class Stages(Strict):
                 raise ValueError("stages.reward.model is required when the pipeline has no sft stage")
             if isinstance(self.reward.pairs, PolicyPairs):
                 raise ValueError("stages.reward.pairs.source 'policy' samples the SFT policy: add an sft stage")
+        if self.ppo is not None and (self.sft is None or self.reward is None):
+            raise ValueError("stages.ppo needs the sft and reward stages")
         return self
 
     def present(self) -> list[str]:
@@ -196,6 +250,7 @@ class Pipeline(Strict):
     description: str = ""
     tracking: Tracking
     seed: int = 0
+    ray: RayConfig = RayConfig()
     stages: Stages
 
     def fingerprint(self) -> str:

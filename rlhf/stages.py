@@ -29,7 +29,12 @@ from rlhf.store import StageDir, digest_tree, fingerprint
 log = logging.getLogger("rlhf")
 
 # Which completed stages each stage reads.
-UPSTREAM: dict[str, tuple[str, ...]] = {"data": (), "sft": ("data",), "reward": ("data", "sft")}
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "data": (),
+    "sft": ("data",),
+    "reward": ("data", "sft"),
+    "ppo": ("data", "sft", "reward"),
+}
 
 _VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "mlflow", "prefect", "ray", "rlhf-pipeline")
 _RUN_ID_FILE = "mlflow_run_id"
@@ -63,6 +68,7 @@ class StageContext:
     """What a recipe sees: its config, where to read and write, the active MLflow run."""
 
     stage: str
+    fingerprint: str
     config: object
     seed: int
     pipeline: Pipeline
@@ -96,6 +102,8 @@ class StageRecord:
 
 def stage_fingerprint(pipeline: Pipeline, stage: str, inputs: dict[str, str]) -> str:
     config = getattr(pipeline.stages, stage).model_dump(mode="json")
+    if stage == "ppo":  # the worker count shapes the rollouts; where the cluster is does not
+        config["ray"] = pipeline.ray.model_dump(mode="json", exclude={"address"})
     return fingerprint(stage, config, pipeline.seed, inputs)
 
 
@@ -212,6 +220,7 @@ def _attempt(spec: StageSpec, stage_dir: StageDir, recipe: Callable[[StageContex
                 tracking.log_config(stage_config.model_dump(mode="json") | {"seed": spec.pipeline.seed})
             context = StageContext(
                 stage=spec.stage,
+                fingerprint=spec.fingerprint,
                 config=stage_config,
                 seed=spec.pipeline.seed,
                 pipeline=spec.pipeline,

@@ -1,0 +1,192 @@
+"""PPO for RLHF, the maths only: tensors in, tensors out. No models, no distribution.
+
+Shapes: `[batch, response_len]` for per-token quantities; `mask` is 1.0 on
+real response tokens (up to and including EOS) and 0.0 after it and under
+padding. Conventions follow the public reference implementations
+(lm-human-preferences, TRL's former PPOTrainer, OpenRLHF); see
+`shared/ppo-notes.md` for the list this file implements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------- masked statistics
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance over the masked entries."""
+    mean = masked_mean(values, mask)
+    count = mask.sum()
+    return ((values - mean) ** 2 * mask).sum() / (count - 1).clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+# ---------------------------------------------------------------- log-probabilities
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature): the one sampling distribution used everywhere."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ---------------------------------------------------------------- rewards
+
+
+def normalise_scores(scores: torch.Tensor, mean: float, std: float, clip: float | None) -> torch.Tensor:
+    """Reward-model scores mapped to mean 0, std 1 on reference-policy samples; optionally clipped."""
+    normalised = (scores - mean) / std
+    return normalised.clamp(-clip, clip) if clip is not None else normalised
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """A response cut off at the length limit gets `penalty` instead of its score."""
+    if penalty is None:
+        return scores
+    return torch.where(ended, scores, torch.full_like(scores, penalty))
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate from samples of the policy.
+
+    k1 = log r (unbiased, can be negative per token); k3 = (r - 1) - log r with
+    r = p_ref / p_policy (unbiased and always >= 0).
+    """
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def per_token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`-beta * kl` on every response token plus the score on the last real token.
+
+    Returns (rewards, non_score_rewards), both zero where `mask` is zero.
+    """
+    non_score = -beta * kl * mask
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)
+    rewards = non_score + last.float() * scores.unsqueeze(-1)
+    return rewards, non_score
+
+
+class KLController:
+    """Fixed or adaptive KL coefficient (Ziegler et al. 2019).
+
+    Adaptive: beta *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon.
+    """
+
+    def __init__(self, beta: float, target: float | None = None, horizon: int = 10000):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta, self.target, self.horizon = state["beta"], state["target"], state["horizon"]
+
+
+# ---------------------------------------------------------------- advantages
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens, right to left.
+
+    Values and rewards past EOS are zeroed first, so the step after the last
+    token bootstraps from 0. Returns (advantages, returns), both masked.
+    """
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+# ---------------------------------------------------------------- losses
+
+
+@dataclass
+class PolicyLoss:
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+    ratio_var: torch.Tensor
+
+
+def policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> PolicyLoss:
+    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1 - c, 1 + c))."""
+    log_ratio = (logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    with torch.no_grad():
+        stats = dict(
+            clip_fraction=masked_mean((clipped > unclipped).float(), mask),
+            approx_kl=0.5 * masked_mean(log_ratio**2, mask),
+            ratio_mean=masked_mean(ratio, mask),
+            ratio_var=masked_var(ratio, mask),
+        )
+    return PolicyLoss(loss=masked_mean(torch.max(unclipped, clipped), mask), **stats)
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * max of unclipped and clipped squared error; returns (loss, clip fraction)."""
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    clip_fraction = masked_mean((clipped_error > unclipped_error).float(), mask)
+    return loss, clip_fraction.detach()
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1.0 on tokens up to and including the first EOS, whether each response has an EOS)."""
+    is_eos = responses == eos_id
+    ended = is_eos.any(-1)
+    last = torch.where(ended, is_eos.int().argmax(-1), responses.shape[1] - 1)
+    positions = torch.arange(responses.shape[1], device=responses.device)
+    return (positions.unsqueeze(0) <= last.unsqueeze(-1)).float(), ended
