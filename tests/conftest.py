@@ -38,7 +38,7 @@ pipelines:
     tracking:
       experiment: tests-rlhf
     seed: 0
-    stages:
+    stages: &train
       data:
         instructions:
           source: synthetic_reviews
@@ -63,6 +63,23 @@ pipelines:
         eval_steps: 8
         save_steps: 4
         logging_steps: 4
+  tiny-ppo:
+    description: the tiny pipeline plus PPO on 2 Ray workers
+    tracking:
+      experiment: tests-ppo
+    seed: 0
+    ray:
+      num_workers: 2
+    stages:
+      <<: *train
+      ppo:
+        iterations: 8
+        batch_size: 8
+        minibatches: 2
+        epochs: 2
+        max_new_tokens: 12
+        checkpoint_every: 2
+        samples_every: 4
   hh-tiny:
     description: the real-data path on the shared HH-RLHF sample, tiny model, few steps
     tracking:

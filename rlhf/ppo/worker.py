@@ -12,6 +12,7 @@ MLflow and writes checkpoints; every worker's RNG state goes into them.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import tempfile
 import time
@@ -67,6 +68,7 @@ def train_loop(config: dict) -> None:
     """Ray Train entry point; `config` holds only plain values (paths, ids, the stage block)."""
     import ray.train
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress lines
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     ppo = PpoStage.model_validate(config["ppo"])

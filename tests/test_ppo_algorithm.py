@@ -1,0 +1,116 @@
+"""PPO maths against numbers worked out by hand (see shared/ppo-notes.md for the list)."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf.ppo import algorithm as A
+
+
+def t(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_per_token_reward_is_kl_penalty_plus_score_on_the_last_real_token():
+    kl = t([0.1, 0.2, 0.3, 0.4])
+    mask = t([1, 1, 1, 0])  # EOS at index 2, padding after
+    rewards, non_score = A.per_token_rewards(torch.tensor([2.0]), kl, mask, beta=0.5)
+    assert non_score[0].tolist() == pytest.approx([-0.05, -0.1, -0.15, 0.0])
+    assert rewards[0].tolist() == pytest.approx([-0.05, -0.1, -0.15 + 2.0, 0.0])
+    # a truncated response (no EOS) gets its score on its final token
+    rewards, _ = A.per_token_rewards(torch.tensor([1.0]), kl, t([1, 1, 1, 1]), beta=0.0)
+    assert rewards.tolist() == [[0.0, 0.0, 0.0, 1.0]]
+
+
+def test_kl_estimators():
+    logp, ref = t([math.log(0.5)]), t([math.log(0.25)])
+    assert A.kl_estimate(logp, ref, "k1").item() == pytest.approx(math.log(2))
+    # k3 = (r - 1) - log r with r = p_ref / p = 0.5
+    assert A.kl_estimate(logp, ref, "k3").item() == pytest.approx(-0.5 + math.log(2))
+    with pytest.raises(ValueError):
+        A.kl_estimate(logp, ref, "k9")
+
+
+def test_kl_controller_fixed_and_adaptive():
+    fixed = A.KLController(0.1, target=None)
+    fixed.update(kl=100.0, n_steps=32)
+    assert fixed.beta == 0.1
+    adaptive = A.KLController(0.1, target=6.0, horizon=10000)
+    adaptive.update(kl=9.0, n_steps=32)  # error 0.5 clipped to 0.2
+    assert adaptive.beta == pytest.approx(0.1 * (1 + 0.2 * 32 / 10000))
+    adaptive.update(kl=5.4, n_steps=100)  # error -0.1
+    assert adaptive.beta == pytest.approx(0.1 * (1 + 0.2 * 32 / 10000) * (1 - 0.1 * 100 / 10000))
+    restored = A.KLController(1.0)
+    restored.load_state_dict(adaptive.state_dict())
+    assert restored.beta == adaptive.beta and restored.target == 6.0
+
+
+def test_score_normalisation_clipping_and_missing_eos_penalty():
+    scores = torch.tensor([3.0, -1.0, 23.0])
+    assert A.normalise_scores(scores, mean=1.0, std=2.0, clip=None).tolist() == [1.0, -1.0, 11.0]
+    assert A.normalise_scores(scores, mean=1.0, std=2.0, clip=5.0).tolist() == [1.0, -1.0, 5.0]
+    ended = torch.tensor([True, False, True])
+    assert A.apply_missing_eos_penalty(scores, ended, -2.0).tolist() == [3.0, -2.0, 23.0]
+    assert A.apply_missing_eos_penalty(scores, ended, None).tolist() == [3.0, -1.0, 23.0]
+
+
+def test_gae_right_to_left_with_padding_zeroed():
+    rewards = t([0.0, 0.0, 1.0, 9.0])  # the 9 sits under padding and must not count
+    values = t([0.5, 0.4, 0.8, 7.0])
+    mask = t([1, 1, 1, 0])
+    advantages, returns = A.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # deltas: d2 = 1 + 0 - 0.8 = 0.2; d1 = 0 + 0.8 - 0.4 = 0.4; d0 = 0 + 0.4 - 0.5 = -0.1
+    a2 = 0.2
+    a1 = 0.4 + 0.95 * a2
+    a0 = -0.1 + 0.95 * a1
+    assert advantages[0].tolist() == pytest.approx([a0, a1, a2, 0.0])
+    assert returns[0].tolist() == pytest.approx([a0 + 0.5, a1 + 0.4, a2 + 0.8, 0.0])
+
+
+def test_masked_whitening_uses_only_real_tokens():
+    values = t([1.0, 2.0, 3.0, 100.0])
+    mask = t([1, 1, 1, 0])
+    whitened = A.masked_whiten(values, mask)
+    # mean 2, unbiased var 1 over the three real tokens
+    assert whitened[0].tolist() == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-6)
+    assert A.masked_mean(values, mask).item() == 2.0 and A.masked_var(values, mask).item() == pytest.approx(1.0)
+
+
+def test_clipped_policy_loss_by_hand():
+    old = t([0.0, 0.0])
+    new = t([math.log(1.5), math.log(0.5)])  # ratios 1.5 and 0.5
+    mask = t([1, 1])
+    out = A.policy_loss(new, old, t([1.0, 1.0]), mask, clip=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(-0.5, -0.8) = -0.5 (unclipped)
+    assert out.loss.item() == pytest.approx((-1.2 - 0.5) / 2)
+    assert out.clip_fraction.item() == pytest.approx(0.5)
+    assert out.ratio_mean.item() == pytest.approx(1.0)
+    assert out.approx_kl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2)
+    negative = A.policy_loss(new, old, t([-1.0, -1.0]), mask, clip=0.2)
+    # token 0: max(1.5, 1.2) = 1.5; token 1: max(0.5, 0.8) = 0.8 (clipped)
+    assert negative.loss.item() == pytest.approx((1.5 + 0.8) / 2)
+
+
+def test_clipped_value_loss_by_hand():
+    old, new, returns = t([1.0, 1.0]), t([2.0, 1.1]), t([3.0, 0.0])
+    loss, clip_fraction = A.value_loss(new, old, returns, t([1, 1]), clip=0.2)
+    # token 0: unclipped (2-3)^2 = 1, clipped (1.2-3)^2 = 3.24 -> 3.24; token 1: (1.1)^2 = 1.21 both
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 1.21) / 2)
+    assert clip_fraction.item() == pytest.approx(0.5)
+
+
+def test_logprobs_and_entropy_use_the_temperature():
+    logits = t([2.0, 0.0, -1.0]).unsqueeze(0)  # [batch 1, length 1, vocab 3]
+    tokens = torch.tensor([[0]])
+    scaled = torch.log_softmax(logits / 0.5, -1)
+    assert A.token_logprobs(logits, tokens, 0.5).item() == pytest.approx(scaled[0, 0, 0].item())
+    assert A.entropy(logits, 1.0).item() == pytest.approx(-(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum().item())
+
+
+def test_response_mask_stops_after_the_first_eos():
+    eos, pad = 1, 0
+    responses = torch.tensor([[5, 6, 1, 0, 0], [5, 1, 7, 1, 0], [5, 6, 7, 8, 9]])
+    mask, ended = A.response_mask(responses, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]

@@ -1,0 +1,123 @@
+"""PPO through the real CLI, Prefect flow, Ray Train (2 workers, gloo) and MLflow store, at tiny scale."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+
+from conftest import Cli, kill_group, wait_for
+
+pytestmark = pytest.mark.slow
+PIPELINE = "tiny-ppo"
+
+
+def ppo_manifest(home: Path) -> dict:
+    [path] = (home / "runs" / PIPELINE / "ppo").glob("*/manifest.json")
+    return json.loads(path.read_text())
+
+
+def history(home: Path) -> list[dict]:
+    return json.loads((Path(ppo_manifest(home)["outputs"]["path"]) / "history.json").read_text())
+
+
+def committed_checkpoints(home: Path) -> list[Path]:
+    """PPO checkpoints Ray Train has finished writing (the state file is copied last)."""
+    return sorted((home / "runs" / PIPELINE / "ppo").glob("*/work/ray/ppo-*/checkpoint_*/state.pt"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    """One uninterrupted run of the whole tiny pipeline, shared by the tests below."""
+    from conftest import HH_FILE, TINY_PIPELINES
+
+    project = tmp_path_factory.mktemp("ppo-project")
+    (project / "pipelines.yaml").write_text(TINY_PIPELINES.replace("HH_FILE", str(HH_FILE)))
+    (project / "prefs.jsonl").write_text("")
+    done = Cli(project, project / "home")("run", PIPELINE)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return project, project / "home"
+
+
+def test_full_pipeline_with_two_ray_workers(reference):
+    project, home = reference
+    manifest = ppo_manifest(home)
+    steps = history(home)
+    assert [h["iteration"] for h in steps] == list(range(1, 9))
+    for key in ("score", "gold", "kl", "beta", "entropy", "policy_clip_fraction", "value_clip_fraction", "approx_kl",
+                "ratio_mean", "ratio_var", "value_loss", "policy_loss", "eos_share", "response_length",
+                "learning_rate", "non_score_reward", "seconds_generate", "seconds_score", "seconds_train"):
+        assert all(key in h for h in steps), key
+    outputs = Path(manifest["outputs"]["path"])
+    for name in ("adapter/adapter_config.json", "model/config.json", "model/tokenizer_config.json", "critic/config.json"):
+        assert (outputs / name).exists(), name
+    mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(manifest["mlflow_run_id"], "ppo/kl")) == 8  # rank 0 only, once per iteration
+    samples = client.list_artifacts(manifest["mlflow_run_id"], "ppo/samples")
+    assert [Path(a.path).name for a in samples] == ["iteration_0004.json", "iteration_0008.json"]
+
+
+def test_sigkill_during_ppo_resumes_to_the_same_history(reference):
+    project, reference_home = reference
+    cli = Cli(project, project / "home-killed")
+    process = cli.start("run", PIPELINE)
+    wait_for(lambda: len(committed_checkpoints(cli.home)) >= 2 or process.poll() is not None, 900, "two PPO checkpoints")
+    assert process.poll() is None, process.stdout.read()[-4000:]
+    kill_group(process)
+    crashed_run = next((cli.home / "runs" / PIPELINE / "ppo").glob("*/work/mlflow_run_id")).read_text()
+
+    rerun = cli("run", PIPELINE)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    output = rerun.stdout + rerun.stderr
+    assert "ppo: resuming at iteration" in output
+    assert ppo_manifest(cli.home)["mlflow_run_id"] == crashed_run
+    resumed, straight = history(cli.home), history(reference_home)
+    assert len(resumed) == len(straight) == 8
+    for got, want in zip(resumed, straight):
+        for key in ("policy_loss", "score", "kl", "value_loss", "reward_total"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["iteration"], key)
+
+
+def test_a_killed_worker_is_restarted_and_the_stage_completes(reference):
+    project, _ = reference
+    cli = Cli(project, project / "home-worker")
+    assert cli("run", PIPELINE, "--only", "data").returncode == 0
+    process = cli.start("run", PIPELINE)
+    wait_for(lambda: committed_checkpoints(cli.home) or process.poll() is not None, 900, "a PPO checkpoint")
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output[-4000:]
+    assert "ppo: resuming at iteration" in output
+    assert [h["iteration"] for h in history(cli.home)] == list(range(1, 9))
+
+
+def test_ppo_runs_on_an_existing_cluster_through_ray_address(reference, tmp_path):
+    project, _ = reference
+    ray = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    started = subprocess.run(
+        [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", "6399", "--num-cpus", "2",
+         "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(tmp_path / "ray")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert started.returncode == 0, started.stderr[-3000:]
+    try:
+        cli = Cli(project, project / "home-cluster")
+        os.environ["RAY_ADDRESS"] = "127.0.0.1:6399"
+        try:
+            done = cli("run", PIPELINE)
+        finally:
+            del os.environ["RAY_ADDRESS"]
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert "Ray cluster 127.0.0.1:6399" in done.stdout + done.stderr
+        assert len(history(cli.home)) == 8
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=300)
