@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -149,6 +150,7 @@ def train_loop(config: dict) -> None:
             "kl": kl.sum(-1).mean(),
             "eos_share": rollout.ended.float().mean(),
             "response_length": rollout.mask.sum(-1).mean(),
+            "peak_rss_mb": torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             **train_stats,
             **{k: torch.tensor(v) for k, v in timings.items()},
         }
