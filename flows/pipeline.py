@@ -13,11 +13,12 @@ from rlhf.config import load_pipeline
 from rlhf.errors import InputError
 from rlhf.stages import StageSpec, external_inputs, reuse_stage, upstream_inputs
 from tasks.data_prep import data_prep
+from tasks.evaluate import evaluate
 from tasks.ppo import ppo
 from tasks.reward import reward
 from tasks.sft import sft
 
-STAGE_TASKS = {"data": data_prep, "sft": sft, "reward": reward, "ppo": ppo}
+STAGE_TASKS = {"data": data_prep, "sft": sft, "reward": reward, "ppo": ppo, "evaluate": evaluate}
 
 
 def plan(stages: list[str], from_stage: str | None, only: str | None) -> dict[str, str]:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rlhf.errors import InputError
 
-STAGE_ORDER = ("data", "sft", "reward", "ppo")
+STAGE_ORDER = ("data", "sft", "reward", "ppo", "evaluate")
 
 
 class Strict(BaseModel):
@@ -209,6 +209,22 @@ class PpoStage(Strict):
         return self
 
 
+class HackingCheck(Strict):
+    """Warn of reward hacking: the reward model's gain is large while the gold gain is small or negative."""
+
+    min_score_gain: float = Field(1.0, description="reward-model gain (in normalised units) that counts as large")
+    max_gold_gain: float = Field(0.1, description="gold gain at or below which the rise is not real")
+
+
+class EvaluateStage(Strict):
+    """The PPO policy against the SFT policy on held-out prompts, same sampling settings and seeds."""
+
+    prompts: int = Field(128, ge=1, description="generations per policy, cycling through the held-out prompts")
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    hacking: HackingCheck = HackingCheck()
+
+
 class RayConfig(Strict):
     """Where PPO runs: a local cluster by default, `address` (or RAY_ADDRESS) for an existing one."""
 
@@ -230,6 +246,7 @@ class Stages(Strict):
     sft: SftStage | None = None
     reward: RewardStage | None = None
     ppo: PpoStage | None = None
+    evaluate: EvaluateStage | None = None
 
     @model_validator(mode="after")
     def _reward_has_a_model(self) -> Stages:
@@ -240,6 +257,8 @@ class Stages(Strict):
                 raise ValueError("stages.reward.pairs.source 'policy' samples the SFT policy: add an sft stage")
         if self.ppo is not None and (self.sft is None or self.reward is None):
             raise ValueError("stages.ppo needs the sft and reward stages")
+        if self.evaluate is not None and self.ppo is None:
+            raise ValueError("stages.evaluate compares the PPO policy with the SFT policy: add a ppo stage")
         return self
 
     def present(self) -> list[str]:

@@ -21,13 +21,13 @@ def render(tokenizer, prompt: Messages, response: str | None = None) -> str:
 @torch.no_grad()
 def sample(
     model, tokenizer, prompts: list[Messages], max_new_tokens: int, temperature: float, seed: int, batch_size: int = 128
-) -> list[str]:
-    """One sampled response per prompt, decoded without special tokens."""
+) -> tuple[list[str], list[bool]]:
+    """One sampled response per prompt, decoded without special tokens, and whether each ended with EOS."""
     model.eval()
     tokenizer.padding_side = "left"
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    responses = []
+    responses, ended = [], []
     for start in range(0, len(prompts), batch_size):
         texts = [render(tokenizer, p) for p in prompts[start : start + batch_size]]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -41,9 +41,11 @@ def sample(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        responses += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        generated = out[:, batch["input_ids"].shape[1] :]
+        responses += tokenizer.batch_decode(generated, skip_special_tokens=True)
+        ended += (generated == tokenizer.eos_token_id).any(-1).tolist()
     torch.random.set_rng_state(generator_state)
-    return responses
+    return responses, ended
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ def sample_pairs(
     for round_index in range(max_rounds):
         drawn = [rng.choice(prompts) for _ in range(int((count - len(pairs)) * 1.5) + 8)]
         doubled = [p for p in drawn for _ in range(2)]
-        responses = generation.sample(policy, tokenizer, doubled, max_new_tokens, temperature, seed + round_index)
+        responses, _ = generation.sample(policy, tokenizer, doubled, max_new_tokens, temperature, seed + round_index)
         for index, prompt in enumerate(drawn):
             pair = label(prompt, responses[2 * index], responses[2 * index + 1], gold, min_gap)
             if pair is not None and len(pairs) < count:

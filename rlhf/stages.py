@@ -34,6 +34,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "sft": ("data",),
     "reward": ("data", "sft"),
     "ppo": ("data", "sft", "reward"),
+    "evaluate": ("data", "sft", "reward", "ppo"),
 }
 
 _VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "mlflow", "prefect", "ray", "rlhf-pipeline")

@@ -74,7 +74,7 @@ def _log_samples(config: SftStage, ctx: StageContext, eval_data, tokenizer) -> N
         return
     prompts = [row["prompt"] for row in eval_data.shuffle(seed=ctx.seed).select(range(min(config.samples, len(eval_data))))]
     policy = models.load_causal_lm(ctx.outputs / "model")
-    responses = generation.sample(policy, tokenizer, prompts, config.max_new_tokens, 1.0, ctx.seed)
+    responses, _ = generation.sample(policy, tokenizer, prompts, config.max_new_tokens, 1.0, ctx.seed)
     table = {"prompt": [text_of(p) for p in prompts], "response": responses}
     if json.loads((ctx.upstream["data"] / "task.json").read_text())["gold_reward"]:
         table["gold"] = [synthetic_reviews.gold_reward(text_of(p), r) for p, r in zip(prompts, responses)]

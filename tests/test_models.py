@@ -66,9 +66,10 @@ def test_a_missing_pretrained_model_is_an_input_error_naming_the_key(tmp_path: P
 def test_sampling_is_seeded_and_scoring_is_per_pair(tokenizer):
     model = models.build_model(SCRATCH, tokenizer, seed=0)
     prompts = [[{"role": "user", "content": "Review the lamp."}]] * 3
-    first = generation.sample(model, tokenizer, prompts, 8, 1.0, seed=5)
-    assert first == generation.sample(model, tokenizer, prompts, 8, 1.0, seed=5)
-    assert first != generation.sample(model, tokenizer, prompts, 8, 1.0, seed=6)
+    first, ended = generation.sample(model, tokenizer, prompts, 8, 1.0, seed=5)
+    assert len(first) == len(ended) == 3
+    assert first == generation.sample(model, tokenizer, prompts, 8, 1.0, seed=5)[0]
+    assert first != generation.sample(model, tokenizer, prompts, 8, 1.0, seed=6)[0]
 
 
 def test_pair_labelling_orders_by_gold_and_drops_near_ties():

@@ -30,6 +30,7 @@ def run(
     if started_here:
         ray.init(
             address=address,
+            include_dashboard=False,
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             log_to_driver=True,
         )

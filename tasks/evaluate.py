@@ -1,0 +1,86 @@
+"""Stage 5, evaluation: the PPO policy against the SFT policy on held-out prompts.
+
+Both policies answer the same held-out prompts with the same sampling
+settings and seed. Reported: reward-model scores (mean, spread), the gold
+reward when the task has one, win rates of PPO over SFT under each, the
+per-sequence KL of the PPO policy to the SFT policy, response length, EOS
+share and distinct-1/2, and a reward-hacking warning when the reward
+model's gain is large but the gold gain is not.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import mlflow
+from prefect import task
+from prefect.cache_policies import NONE
+
+from rlhf import evaluation, generation, models, synthetic_reviews
+from rlhf.config import EvaluateStage
+from rlhf.data.formats import text_of
+from rlhf.data.prepare import load_splits
+from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
+
+
+def evaluate_policies(ctx: StageContext) -> StageResult:
+    config: EvaluateStage = ctx.config
+    data_dir, reward_dir = ctx.upstream["data"], ctx.upstream["reward"]
+    held_out = list(load_splits(data_dir / "prompts")["eval"]["prompt"])
+    prompts = [held_out[i % len(held_out)] for i in range(config.prompts)]
+    gold = json.loads((data_dir / "task.json").read_text())["gold_reward"] is not None
+    tokenizer = models.load_tokenizer(ctx.upstream["sft"] / "model")
+    reward_model = models.load_reward_model(reward_dir / "model", tokenizer.pad_token_id)
+    normalisation = json.loads((reward_dir / "normalisation.json").read_text())
+
+    policies = {"sft": models.load_causal_lm(ctx.upstream["sft"] / "model"), "ppo": models.load_causal_lm(ctx.upstream["ppo"] / "model")}
+    results = {}
+    for name, policy in policies.items():
+        responses, ended = generation.sample(policy, tokenizer, prompts, config.max_new_tokens, config.temperature, ctx.seed)
+        raw = generation.score(reward_model, tokenizer, prompts, responses, max_length=512)
+        results[name] = {
+            "responses": responses,
+            "score": [(s - normalisation["mean"]) / normalisation["std"] for s in raw],
+            "gold": [synthetic_reviews.gold_reward(text_of(p), r) for p, r in zip(prompts, responses)] if gold else None,
+            "ended": ended,
+        }
+    ppo_logp = evaluation.sequence_logprobs(policies["ppo"], tokenizer, prompts, results["ppo"]["responses"])
+    sft_logp = evaluation.sequence_logprobs(policies["sft"], tokenizer, prompts, results["ppo"]["responses"])
+
+    metrics = {"prompts": float(config.prompts), "distinct_held_out_prompts": float(len(held_out))}
+    for name, result in results.items():
+        metrics[f"{name}.score_mean"] = statistics.fmean(result["score"])
+        metrics[f"{name}.score_std"] = statistics.pstdev(result["score"])
+        metrics[f"{name}.length_words"] = statistics.fmean(len(r.split()) for r in result["responses"])
+        metrics[f"{name}.eos_share"] = statistics.fmean(result["ended"])
+        metrics[f"{name}.distinct_1"] = evaluation.distinct_n(result["responses"], 1)
+        metrics[f"{name}.distinct_2"] = evaluation.distinct_n(result["responses"], 2)
+        if gold:
+            metrics[f"{name}.gold_mean"] = statistics.fmean(result["gold"])
+    metrics["score_gain"] = metrics["ppo.score_mean"] - metrics["sft.score_mean"]
+    metrics["win_rate_score"] = evaluation.win_rate(results["ppo"]["score"], results["sft"]["score"])
+    metrics["kl_to_sft"] = statistics.fmean(p - s for p, s in zip(ppo_logp, sft_logp))
+    if gold:
+        metrics["gold_gain"] = metrics["ppo.gold_mean"] - metrics["sft.gold_mean"]
+        metrics["win_rate_gold"] = evaluation.win_rate(results["ppo"]["gold"], results["sft"]["gold"])
+    hacking = gold and evaluation.reward_hacking(
+        metrics["score_gain"], metrics["gold_gain"], config.hacking.min_score_gain, config.hacking.max_gold_gain
+    )
+    metrics["reward_hacking"] = float(hacking)
+
+    mlflow.log_metrics({f"evaluate.{k}": v for k, v in metrics.items()})
+    mlflow.set_tag("rlhf.reward_hacking", str(hacking).lower())
+    table = {"prompt": [text_of(p) for p in prompts]}
+    for name, result in results.items():
+        table[f"{name}_response"], table[f"{name}_score"] = result["responses"], result["score"]
+        if gold:
+            table[f"{name}_gold"] = result["gold"]
+    mlflow.log_table(table, artifact_file="evaluate/side_by_side.json")
+    (ctx.outputs / "evaluation.json").write_text(json.dumps({"metrics": metrics, "table": table}, indent=2))
+    return StageResult(metrics=metrics, headline="gold_gain" if gold else "win_rate_score")
+
+
+@task(name="evaluate", cache_policy=NONE, persist_result=False)
+def evaluate(spec: StageSpec) -> StageRecord:
+    return run_stage(spec, evaluate_policies)
