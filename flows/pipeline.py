@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from rlhf import home as rlhf_home
-from rlhf import tracking
+from rlhf import report, tracking
 from rlhf.config import load_pipeline
 from rlhf.errors import InputError
 from rlhf.stages import StageSpec, external_inputs, reuse_stage, upstream_inputs
@@ -84,4 +84,5 @@ def pipeline_flow(
             else:
                 logger.info("stage %s: running %s", stage, spec.fingerprint)
                 records[stage] = STAGE_TASKS[stage](spec)
+        report.log_report(parent, name, tags, list(records.values()))
     return {"pipeline": name, "experiment": experiment, "parent_run": parent, "stages": list(records.values())}

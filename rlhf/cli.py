@@ -88,7 +88,11 @@ def _summary(result: dict) -> None:
         headline = f"{record.headline[0]} = {_number(record.headline[1])}" if record.headline else ""
         table.add_row(record.stage, record.action, f"{record.seconds:.1f}", headline, record.run_id)
     console.print(table)
-    console.print(f"MLflow parent run: {result['parent_run']}")
+    from rlhf.report import evaluation_lines
+
+    for line in evaluation_lines(result["stages"], result["pipeline"]):
+        console.print(line, style="bold red" if line.startswith("WARNING") else None)
+    console.print(f"MLflow parent run: {result['parent_run']} (report.md attached)")
     console.print(f"dashboard: rlhf --home {state['home']} ui  ->  {run_link(result['experiment'], result['parent_run'])}")
 
 
@@ -136,6 +140,24 @@ def validate(config: ConfigOption = None) -> None:
         for stage in pipeline.stages.present():
             external_inputs(stage, pipeline)
     console.print(f"{path}: ok ({len(parsed.pipelines)} pipelines: {', '.join(parsed.pipelines)})")
+
+
+@app.command()
+def promote(
+    pipeline: Annotated[str, typer.Argument(help="pipeline whose registered policy to promote")],
+    version: Annotated[str, typer.Argument(help="registered model version")],
+) -> None:
+    """Point the `champion` alias of `<PIPELINE>-policy` at VERSION."""
+    from mlflow.exceptions import MlflowException
+
+    from rlhf import registry, tracking
+
+    tracking.configure(state["home"])
+    try:
+        registry.promote(f"{pipeline}-policy", version)
+    except MlflowException as exc:
+        raise InputError(f"promote {pipeline} {version}: {exc.message}") from None
+    console.print(f"{pipeline}-policy version {version} is now 'champion'")
 
 
 @app.command()

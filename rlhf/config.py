@@ -216,6 +216,13 @@ class HackingCheck(Strict):
     max_gold_gain: float = Field(0.1, description="gold gain at or below which the rise is not real")
 
 
+class RegistryGates(Strict):
+    """When the PPO policy is registered as `<pipeline>-policy` (alias `candidate`)."""
+
+    min_win_rate: float = Field(0.5, ge=0, le=1, description="over SFT; under gold when the task has one")
+    max_kl: float = Field(30.0, gt=0, description="nats per sequence to the SFT policy")
+
+
 class EvaluateStage(Strict):
     """The PPO policy against the SFT policy on held-out prompts, same sampling settings and seeds."""
 
@@ -223,6 +230,7 @@ class EvaluateStage(Strict):
     max_new_tokens: int = Field(40, ge=1)
     temperature: float = Field(1.0, gt=0)
     hacking: HackingCheck = HackingCheck()
+    registry: RegistryGates | None = Field(RegistryGates(), description="null never registers")
 
 
 class RayConfig(Strict):

@@ -70,6 +70,7 @@ class StageContext:
 
     stage: str
     fingerprint: str
+    pipeline_name: str
     config: object
     seed: int
     pipeline: Pipeline
@@ -222,6 +223,7 @@ def _attempt(spec: StageSpec, stage_dir: StageDir, recipe: Callable[[StageContex
             context = StageContext(
                 stage=spec.stage,
                 fingerprint=spec.fingerprint,
+                pipeline_name=spec.pipeline_name,
                 config=stage_config,
                 seed=spec.pipeline.seed,
                 pipeline=spec.pipeline,

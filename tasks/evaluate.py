@@ -17,7 +17,7 @@ import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 
-from rlhf import evaluation, generation, models, synthetic_reviews
+from rlhf import evaluation, generation, models, plots, registry, synthetic_reviews
 from rlhf.config import EvaluateStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits
@@ -68,6 +68,7 @@ def evaluate_policies(ctx: StageContext) -> StageResult:
         metrics["score_gain"], metrics["gold_gain"], config.hacking.min_score_gain, config.hacking.max_gold_gain
     )
     metrics["reward_hacking"] = float(hacking)
+    metrics["registered_version"] = float(_register(config, ctx, metrics, hacking))
 
     mlflow.log_metrics({f"evaluate.{k}": v for k, v in metrics.items()})
     mlflow.set_tag("rlhf.reward_hacking", str(hacking).lower())
@@ -77,8 +78,34 @@ def evaluate_policies(ctx: StageContext) -> StageResult:
         if gold:
             table[f"{name}_gold"] = result["gold"]
     mlflow.log_table(table, artifact_file="evaluate/side_by_side.json")
+    _log_plots(ctx, results, gold)
     (ctx.outputs / "evaluation.json").write_text(json.dumps({"metrics": metrics, "table": table}, indent=2))
     return StageResult(metrics=metrics, headline="gold_gain" if gold else "win_rate_score")
+
+
+def _register(config: EvaluateStage, ctx: StageContext, metrics: dict, hacking: bool) -> int:
+    """Register the PPO policy when the gates pass; returns the new version (0 when not registered)."""
+    win_rate = metrics.get("win_rate_gold", metrics["win_rate_score"])
+    gates = config.registry
+    if gates is None or hacking or win_rate < gates.min_win_rate or metrics["kl_to_sft"] > gates.max_kl:
+        mlflow.set_tag("rlhf.registered", "false")
+        return 0
+    model_uri = json.loads((ctx.upstream["ppo"] / "mlflow_model.json").read_text())["model_uri"]
+    version = registry.register(model_uri, f"{ctx.pipeline_name}-policy")
+    mlflow.set_tag("rlhf.registered", f"{ctx.pipeline_name}-policy/{version}")
+    return int(version)
+
+
+def _log_plots(ctx: StageContext, results: dict, gold: bool) -> None:
+    history = json.loads((ctx.upstream["ppo"] / "history.json").read_text())
+    mlflow.log_figure(plots.ppo_curves(history), "plots/ppo_curves.png")
+    scores = {name: result["score"] for name, result in results.items()}
+    mlflow.log_figure(plots.distributions(scores, "reward-model score (normalised)"), "plots/score_distribution.png")
+    if gold:
+        golds = {name: result["gold"] for name, result in results.items()}
+        mlflow.log_figure(plots.distributions(golds, "gold reward"), "plots/gold_distribution.png")
+    reward = json.loads((ctx.upstream["reward"].parent / "manifest.json").read_text())["metrics"]
+    mlflow.log_figure(plots.accuracy_bars(reward["eval_accuracy_before"], reward["eval_accuracy"]), "plots/reward_accuracy.png")
 
 
 @task(name="evaluate", cache_policy=NONE, persist_result=False)

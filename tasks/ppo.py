@@ -16,7 +16,7 @@ import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 
-from rlhf import models
+from rlhf import models, plots, registry
 from rlhf.config import PpoStage
 from rlhf.data.prepare import load_splits
 from rlhf.ppo import driver
@@ -47,6 +47,11 @@ def train_ppo(ctx: StageContext) -> StageResult:
     _merge_policy(sft_model, ctx)
     history = json.loads((final / "history.json").read_text())
     mlflow.log_artifact(str(final / "history.json"), "ppo")
+
+    mlflow.log_figure(plots.ppo_curves(history), "plots/ppo_curves.png")
+    prompt = load_splits(data_dir / "prompts")["eval"]["prompt"][0][-1]["content"]
+    model_uri = registry.log_policy(ctx.outputs / "model", prompt, "A sampled review.")
+    (ctx.outputs / "mlflow_model.json").write_text(json.dumps({"model_uri": model_uri}))
 
     last = history[-1]
     metrics = {key: last[key] for key in ("score", "kl", "beta", "response_length", "eos_share", "gold") if key in last}

@@ -1,0 +1,54 @@
+"""The pipeline run's `report.md` (parent MLflow run) and the evaluation lines of the CLI summary."""
+
+from __future__ import annotations
+
+import json
+
+from mlflow import MlflowClient
+
+from rlhf.stages import StageRecord
+
+
+def evaluation_lines(records: list[StageRecord], pipeline: str) -> list[str]:
+    """Win rate, gold delta, KL, hacking warning and registered version, when the run evaluated."""
+    found = [r for r in records if r.stage == "evaluate"]
+    if not found:
+        return []
+    m = json.loads((found[0].outputs / "evaluation.json").read_text())["metrics"]
+    lines = []
+    if "gold_gain" in m:
+        lines.append(
+            f"gold reward: SFT {m['sft.gold_mean']:+.3f} -> PPO {m['ppo.gold_mean']:+.3f} "
+            f"(gain {m['gold_gain']:+.3f}, PPO wins {m['win_rate_gold']:.0%} under gold)"
+        )
+    lines.append(
+        f"reward model: gain {m['score_gain']:+.3f} (normalised), PPO wins {m['win_rate_score']:.0%}; "
+        f"KL to SFT {m['kl_to_sft']:.2f} nats/response over {int(m['prompts'])} held-out generations"
+    )
+    if m["reward_hacking"]:
+        lines.append("WARNING: possible reward hacking: the reward model's gain is large but the gold gain is not")
+    version = int(m["registered_version"])
+    lines.append(
+        f"registered: {pipeline}-policy version {version} (alias candidate)" if version else "not registered (gates not met)"
+    )
+    return lines
+
+
+def log_report(parent_run: str, pipeline: str, tags: dict[str, str], records: list[StageRecord]) -> None:
+    rows = "\n".join(
+        f"| {r.stage} | {r.action} | {r.headline[0] + ' = ' + format(r.headline[1], '.4g') if r.headline else ''} "
+        f"| {r.seconds:.1f} | `{r.run_id}`"
+        + (f" (made by `{r.source_run_id}`)" if r.source_run_id != r.run_id else "")
+        + " |"
+        for r in records
+    )
+    evaluation = "\n".join(f"- {line}" for line in evaluation_lines(records, pipeline))
+    text = (
+        f"# Pipeline `{pipeline}`\n\n"
+        f"config hash `{tags['rlhf.config_hash']}`, git commit `{tags['rlhf.git_commit']}`, "
+        f"Prefect flow run `{tags['rlhf.prefect_flow_run_id']}`, stages: {tags['rlhf.selection']}\n\n"
+        "| stage | action | headline | seconds | MLflow run |\n|---|---|---|---|---|\n"
+        f"{rows}\n"
+        + (f"\n## Evaluation\n\n{evaluation}\n" if evaluation else "")
+    )
+    MlflowClient().log_text(parent_run, text, "report.md")
