@@ -80,6 +80,10 @@ pipelines:
         max_new_tokens: 12
         checkpoint_every: 2
         samples_every: 4
+      evaluate:
+        prompts: 16
+        max_new_tokens: 12
+        registry: {min_win_rate: 0.0, max_kl: 1000}
   hh-tiny:
     description: the real-data path on the shared HH-RLHF sample, tiny model, few steps
     tracking:

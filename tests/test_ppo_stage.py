@@ -63,6 +63,42 @@ def test_full_pipeline_with_two_ray_workers(reference):
     assert [Path(a.path).name for a in samples] == ["iteration_0004.json", "iteration_0008.json"]
 
 
+def test_evaluation_pictures_report_and_registered_policy(reference):
+    import matplotlib.image
+    import pandas as pd
+
+    project, home = reference
+    [path] = (home / "runs" / PIPELINE / "evaluate").glob("*/manifest.json")
+    evaluation = json.loads(path.read_text())
+    for key in ("sft.gold_mean", "ppo.gold_mean", "gold_gain", "win_rate_gold", "win_rate_score", "kl_to_sft",
+                "ppo.distinct_1", "ppo.distinct_2", "ppo.eos_share", "ppo.length_words", "reward_hacking"):
+        assert key in evaluation["metrics"], key
+    assert evaluation["metrics"]["registered_version"] == 1
+
+    mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
+    client = mlflow.MlflowClient()
+    run = client.get_run(evaluation["mlflow_run_id"])
+    assert run.data.metrics["evaluate.kl_to_sft"] == pytest.approx(evaluation["metrics"]["kl_to_sft"])
+    pictures = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+    assert set(pictures) == {"plots/ppo_curves.png", "plots/score_distribution.png", "plots/gold_distribution.png",
+                             "plots/reward_accuracy.png"}
+    for picture in pictures:
+        image = matplotlib.image.imread(client.download_artifacts(run.info.run_id, picture))
+        assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
+    assert [a.path for a in client.list_artifacts(ppo_manifest(home)["mlflow_run_id"], "plots")] == ["plots/ppo_curves.png"]
+    parent = run.data.tags["mlflow.parentRunId"]
+    report = Path(client.download_artifacts(parent, "report.md")).read_text()
+    assert "| evaluate | ran |" in report and evaluation["mlflow_run_id"] in report and "gold reward: SFT" in report
+
+    policy = mlflow.pyfunc.load_model(f"models:/{PIPELINE}-policy@candidate")
+    [review] = policy.predict(pd.DataFrame({"prompt": ["Write a review of the lamp."]}), params={"max_new_tokens": 12})
+    assert isinstance(review, str) and review.strip()
+    promoted = Cli(project, home)("promote", PIPELINE, "1")
+    assert promoted.returncode == 0, promoted.stderr
+    assert client.get_model_version_by_alias(f"{PIPELINE}-policy", "champion").version == "1"
+    assert Cli(project, home)("promote", PIPELINE, "7").returncode == 2
+
+
 def test_sigkill_during_ppo_resumes_to_the_same_history(reference):
     project, reference_home = reference
     cli = Cli(project, project / "home-killed")
