@@ -73,13 +73,13 @@ pipelines:
     stages:
       <<: *train
       ppo:
-        iterations: 8
+        iterations: 30
         batch_size: 8
         minibatches: 2
         epochs: 2
         max_new_tokens: 12
-        checkpoint_every: 2
-        samples_every: 4
+        checkpoint_every: 5
+        samples_every: 15
       evaluate:
         prompts: 16
         max_new_tokens: 12

@@ -74,7 +74,7 @@ def train_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     ppo = PpoStage.model_validate(config["ppo"])
     torch.set_num_threads(config["threads"])
-    _seed_everything(config["seed"] * 1000 + rank)
+    _seed_everything(config["seed"])  # the same LoRA initialisation on every worker, as data parallelism needs
     device = torch.device("cuda" if config["use_gpu"] else "cpu")
 
     tokenizer = models.load_tokenizer(Path(config["sft_model"]), padding_side="left")
@@ -85,6 +85,7 @@ def train_loop(config: dict) -> None:
     normalisation = json.loads(Path(config["normalisation"]).read_text())
     prompts = config["prompts"]
     gold = synthetic_reviews.gold_reward if config["gold"] else None
+    _seed_everything(config["seed"] * 1000 + rank)  # but each worker samples its own rollouts
 
     steps = ppo.iterations * ppo.epochs * ppo.minibatches
     policy_params = [p for p in policy.parameters() if p.requires_grad]
