@@ -100,7 +100,7 @@ def train_loop(config: dict) -> None:
     kl_control = A.KLController(ppo.kl.beta, ppo.kl.target, ppo.kl.horizon)
     sampler = PromptSampler(len(prompts), config["seed"])
     history: list[dict] = []
-    start = 0
+    start = restored_from = 0
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -114,6 +114,7 @@ def train_loop(config: dict) -> None:
         kl_control.load_state_dict(state["kl"])
         sampler.position = state["sampler_position"]
         history, start = state["history"], state["iteration"]
+        restored_from = start
         _set_rng(state["rng"][rank])
         if rank == 0:
             print(f"ppo: resuming at iteration {start} from {checkpoint.path}", flush=True)
@@ -158,7 +159,12 @@ def train_loop(config: dict) -> None:
         if gold is not None:
             local["gold"] = torch.tensor([gold(text_of(p), t) for p, t in zip(batch_prompts, texts)]).mean()
         metrics = _all_reduce_mean(local, world)
-        metrics |= {"beta": kl_control.beta, "learning_rate": schedulers["policy"].get_last_lr()[0], "kl_estimator_k3": float(ppo.kl.estimator == "k3")}
+        metrics |= {
+            "beta": kl_control.beta,
+            "learning_rate": schedulers["policy"].get_last_lr()[0],
+            "kl_estimator_k3": float(ppo.kl.estimator == "k3"),
+            "restored_from": float(restored_from),  # > 0 after a restart: the checkpoint's iteration
+        }
         kl_control.update(metrics["kl"], ppo.batch_size)
         history.append({"iteration": iteration + 1, **metrics})
 
