@@ -110,8 +110,6 @@ def test_sigkill_during_ppo_resumes_to_the_same_history(reference):
 
     rerun = cli("run", PIPELINE)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
-    output = rerun.stdout + rerun.stderr
-    assert "ppo: resuming at iteration" in output
     assert ppo_manifest(cli.home)["mlflow_run_id"] == crashed_run
     assert max(h["restored_from"] for h in history(cli.home)) >= 5
     resumed, straight = history(cli.home), history(reference_home)
