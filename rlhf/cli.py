@@ -54,7 +54,10 @@ def _config(config: Path | None) -> Path:
 def run(
     pipeline: PipelineArg = None,
     from_stage: Annotated[Optional[str], typer.Option("--from", help="run this stage and all after it again")] = None,
-    only: Annotated[Optional[str], typer.Option("--only", help="run just this stage (its upstream must be complete)")] = None,
+    only: Annotated[
+        Optional[str],
+        typer.Option("--only", help="run just this stage, reused if complete (its upstream must be complete); with --from the same stage, forced"),
+    ] = None,
     overrides: SetOption = None,
     config: ConfigOption = None,
 ) -> None:

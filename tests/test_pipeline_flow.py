@@ -30,7 +30,7 @@ def test_run_reuse_override_and_tracking(cli):
     assert manifest["metrics"]["preferences.train.rows"] + manifest["metrics"]["preferences.eval.rows"] == 20
     assert manifest["versions"]["torch"].startswith("2.")
 
-    again = cli("run", "tiny")
+    again = cli("run", "tiny", "--only", "data")
     assert again.returncode == 0, again.stderr
     assert "│ data  │ reused" in again.stdout
     assert manifest_path.read_text() == json.dumps(manifest, indent=2, sort_keys=True)  # untouched

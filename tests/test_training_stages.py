@@ -55,6 +55,10 @@ def test_sft_and_reward_run_reuse_and_rerun_what_changed(cli):
     assert again.returncode == 0, again.stderr[-3000:]
     assert actions(again.stdout) == {"data": "reused", "sft": "reused", "reward": "ran"}
 
+    only = cli("run", "tiny-rlhf", "--set", "stages.sft.learning_rate=0.002", "--from", "reward", "--only", "reward")
+    assert only.returncode == 0, only.stderr[-3000:]
+    assert actions(only.stdout) == {"data": "reused", "sft": "reused", "reward": "ran"}
+
     blocked = cli("run", "tiny-rlhf", "--set", "stages.sft.learning_rate=0.001", "--only", "reward")
     assert blocked.returncode == 2
     assert "upstream stage 'sft' is not complete" in blocked.stderr.strip().splitlines()[-1]
