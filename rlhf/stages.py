@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -99,7 +99,6 @@ class StageRecord:
     headline: tuple[str, float] | None
     run_id: str
     source_run_id: str
-    extra: dict = field(default_factory=dict)
 
 
 def stage_fingerprint(pipeline: Pipeline, stage: str, inputs: dict[str, str]) -> str:

@@ -104,6 +104,3 @@ class StageDir:
         staged.rename(self.outputs)
         write_json_atomic(self.root / MANIFEST, manifest)
         shutil.rmtree(self.work, ignore_errors=True)
-
-    def discard_work(self) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
