@@ -143,13 +143,21 @@ class Cli:
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "rlhf", "--home", str(self.home), *args]
 
+    @staticmethod
+    def env() -> dict[str, str]:
+        """This process's environment without the MLflow URI that `mlflow.set_tracking_uri` exports,
+        so each run uses its own home's store."""
+        return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
     def __call__(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(*args), cwd=self.cwd, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            self.command(*args), cwd=self.cwd, capture_output=True, text=True, timeout=timeout, env=self.env()
+        )
 
     def start(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen(
             self.command(*args), cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True,
+            text=True, start_new_session=True, env=self.env(),
         )
 
 
