@@ -167,8 +167,16 @@ def cli(project: Path) -> Cli:
 
 
 def kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL the CLI and everything it started (its Prefect server), like a crash."""
+    """SIGKILL the CLI and everything it started (Prefect server, Ray processes), like a crash."""
+    import psutil
+
+    descendants = psutil.Process(process.pid).children(recursive=True)
     os.killpg(process.pid, signal.SIGKILL)
+    for child in descendants:  # Ray starts some of its processes in sessions of their own
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
     process.wait(timeout=60)
 
 
