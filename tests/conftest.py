@@ -154,11 +154,17 @@ class Cli:
             self.command(*args), cwd=self.cwd, capture_output=True, text=True, timeout=timeout, env=self.env()
         )
 
-    def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            self.command(*args), cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True, env=self.env(),
-        )
+    def start(self, *args: str, **env: str) -> subprocess.Popen:
+        """A run in the background; its output goes to `process.log` (a pipe nobody reads would stall it)."""
+        log = self.home.parent / f"{self.home.name}.log"
+        self.home.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                self.command(*args), cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
+                text=True, start_new_session=True, env=self.env() | env,
+            )
+        process.log = log
+        return process
 
 
 @pytest.fixture

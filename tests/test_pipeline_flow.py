@@ -90,7 +90,7 @@ def test_sigkill_mid_stage_leaves_no_manifest_and_the_rerun_completes(cli):
     process = cli.start("run", *big)
     run_id_files = lambda: list((cli.home / "runs" / "tiny" / "data").glob("*/work/mlflow_run_id"))  # noqa: E731
     wait_for(lambda: run_id_files() or process.poll() is not None, 300, "the data stage to start")
-    assert process.poll() is None, process.stdout.read()
+    assert process.poll() is None, process.log.read_text()
     kill_group(process)
     assert manifests(cli.home) == []
     crashed_run = run_id_files()[0].read_text()

@@ -70,7 +70,7 @@ def _kill_after_first_checkpoint(cli, stage: str, *args: str) -> str:
     stage_dir = cli.home / "runs" / "tiny-rlhf" / stage
     checkpoints = lambda: list(stage_dir.glob("*/work/trainer/checkpoint-*/trainer_state.json"))  # noqa: E731
     wait_for(lambda: checkpoints() or process.poll() is not None, 600, f"a {stage} checkpoint")
-    assert process.poll() is None, process.stdout.read()[-3000:]
+    assert process.poll() is None, process.log.read_text()[-3000:]
     kill_group(process)
     assert not list(stage_dir.glob("*/manifest.json"))
     return next(stage_dir.glob("*/work/mlflow_run_id")).read_text()
