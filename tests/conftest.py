@@ -149,9 +149,9 @@ class Cli:
         so each run uses its own home's store."""
         return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
 
-    def __call__(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    def __call__(self, *args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            self.command(*args), cwd=self.cwd, capture_output=True, text=True, timeout=timeout, env=self.env()
+            self.command(*args), cwd=self.cwd, capture_output=True, text=True, timeout=timeout, env=self.env() | env
         )
 
     def start(self, *args: str, **env: str) -> subprocess.Popen:

@@ -145,7 +145,6 @@ def test_a_killed_worker_is_restarted_and_the_stage_completes(reference):
     assert max(h["restored_from"] for h in steps) >= 5  # the worker group restarted from a checkpoint
 
 
-@pytest.mark.skip(reason="open in issue 4: ray.init(address=...) fails against a `ray start --head` cluster here")
 def test_ppo_runs_on_an_existing_cluster_through_ray_address(reference):
     project, _ = reference
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
@@ -158,14 +157,12 @@ def test_ppo_runs_on_an_existing_cluster_through_ray_address(reference):
     )
     assert started.returncode == 0, started.stderr[-3000:]
     try:
+        # `ray start` turns on token authentication; a driver sends the token only in token mode
         cli = Cli(project, project / "home-cluster")
-        os.environ["RAY_ADDRESS"] = "127.0.0.1:6399"
-        try:
-            done = cli("run", PIPELINE)
-        finally:
-            del os.environ["RAY_ADDRESS"]
+        done = cli("run", PIPELINE, RAY_ADDRESS="127.0.0.1:6399", RAY_AUTH_MODE="token")
         assert done.returncode == 0, done.stderr[-4000:]
-        assert "Ray cluster 127.0.0.1:6399" in done.stdout + done.stderr
+        output = done.stdout + done.stderr
+        assert "Connecting to existing Ray cluster" in output and "Ray cluster 127.0.0.1:6399" in output
         assert len(history(cli.home)) == 30
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=300)
