@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -68,8 +70,11 @@ def run(
     name, _ = load_pipeline(config, pipeline, overrides or [])  # fail fast, before Prefect starts
     rlhf_home.prepare(state["home"])
     logging.getLogger("rlhf").setLevel(logging.INFO)
+    prefect_api = threading.Thread(target=_start_temporary_prefect_api, daemon=True)
+    prefect_api.start()
     from flows.pipeline import pipeline_flow
 
+    prefect_api.join()
     result = pipeline_flow(
         pipeline=name,
         overrides=overrides or [],
@@ -79,6 +84,17 @@ def run(
         home=str(state["home"]),
     )
     _summary(result)
+
+
+def _start_temporary_prefect_api() -> None:
+    """Without a Prefect server, Prefect starts a temporary one (~10 s) on first use; starting it now
+    overlaps that with importing the stages. Should it fail, the flow's own start reports why."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        with contextlib.suppress(Exception):
+            SubprocessASGIServer().start()
 
 
 def _summary(result: dict) -> None:
