@@ -4,12 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test ui
+.PHONY: venv run test ui
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
+
+venv: $(STAMP)  ## create or refresh the virtualenv only
 
 run: $(STAMP)  ## run the default pipeline (extra CLI arguments: make run ARGS="--set seed=1")
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf run $(ARGS)

@@ -49,6 +49,7 @@ def pipeline_flow(
     logger = get_run_logger()
     config_path = Path(config_file) if config_file else rlhf_home.default_config()
     home_dir = rlhf_home.resolve(home)
+    rlhf_home.prepare_stages(home_dir)  # a run started by a Prefect worker did not come through the CLI
     name, config = load_pipeline(config_path, pipeline, overrides or [])
     actions = plan(config.stages.present(), from_stage, only)
 

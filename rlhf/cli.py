@@ -86,6 +86,21 @@ def run(
     _summary(result)
 
 
+@app.command()
+def serve(
+    pipelines: Annotated[Optional[list[str]], typer.Argument(help="pipelines to serve [default: all with a schedule]")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Serve a scheduled Prefect deployment per pipeline (from its `schedule:`) until stopped; needs
+    a Prefect server in PREFECT_API_URL. Scheduled runs share this home with `rlhf run`."""
+    config = _config(config)
+    rlhf_home.prepare(state["home"])
+    logging.getLogger("rlhf").setLevel(logging.INFO)
+    from flows.serve import serve as serve_deployments
+
+    serve_deployments(config, state["home"], pipelines or [])
+
+
 def _start_temporary_prefect_api() -> None:
     """Without a Prefect server, Prefect starts a temporary one (~10 s) on first use; starting it now
     overlaps that with importing the stages. Should it fail, the flow's own start reports why."""
@@ -145,6 +160,10 @@ def list_pipelines(config: ConfigOption = None) -> None:
         console.print(f"[bold]{name}[/bold]{marker}: {' -> '.join(pipeline.stages.present())}")
         if pipeline.description:
             console.print(f"  {pipeline.description.strip()}")
+        if schedule := pipeline.schedule:
+            when = f"cron '{schedule.cron}'" if schedule.cron else f"every {schedule.interval} s"
+            extra = f", --set {' '.join(schedule.overrides)}" if schedule.overrides else ""
+            console.print(f"  schedule: {when} ({schedule.timezone}){extra}{'' if schedule.active else ', paused'}")
 
 
 @app.command()

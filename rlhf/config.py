@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from cronsim import CronSim, CronSimError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhf.errors import InputError
 
@@ -249,6 +252,41 @@ class Tracking(Strict):
     experiment: str
 
 
+class Schedule(Strict):
+    """When scheduled runs start (`rlhf serve`, infra/prefect.yaml): a cron expression or an interval."""
+
+    cron: str | None = Field(None, description="e.g. '0 3 * * *': daily at 03:00 in `timezone`")
+    interval: int | None = Field(None, gt=0, description="seconds between runs")
+    timezone: str = "UTC"
+    overrides: list[str] = Field([], description="`--set KEY=VALUE` overrides for the scheduled runs")
+    active: bool = True
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_parses(cls, cron: str | None) -> str | None:
+        if cron is not None:
+            try:
+                CronSim(cron, datetime.now())
+            except CronSimError as exc:
+                raise ValueError(f"not a cron expression: {exc}") from None
+        return cron
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, timezone: str) -> str:
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not an IANA time zone such as 'UTC' or 'Europe/Berlin'") from None
+        return timezone
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Schedule:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("give exactly one of 'cron' and 'interval'")
+        return self
+
+
 class Stages(Strict):
     data: DataStage
     sft: SftStage | None = None
@@ -277,6 +315,7 @@ class Pipeline(Strict):
     description: str = ""
     tracking: Tracking
     seed: int = 0
+    schedule: Schedule | None = None
     ray: RayConfig = RayConfig()
     stages: Stages
 
@@ -412,8 +451,13 @@ def load_file(path: Path) -> PipelinesFile:
         parsed = PipelinesFile.model_validate(raw)
     except ValidationError as err:
         raise InputError(_format_validation_error(err, str(path))) from None
-    for pipeline in parsed.pipelines.values():
+    for name, pipeline in parsed.pipelines.items():
         _resolve_paths(pipeline, path.parent)
+        if pipeline.schedule:  # the scheduled runs' overrides must give a valid pipeline too
+            try:
+                load_pipeline(path, name, pipeline.schedule.overrides)
+            except InputError as exc:
+                raise InputError(f"pipelines.{name}.schedule.overrides: {exc}") from None
     return parsed
 
 

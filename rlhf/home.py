@@ -19,12 +19,17 @@ def default_config() -> Path:
 
 
 def prepare(home: Path) -> None:
-    """Point Prefect (and later Ray) at the home; must run before they are imported."""
-    home.mkdir(parents=True, exist_ok=True)
-    os.environ["RLHF_HOME"] = str(home)
+    """Point Prefect at the home, then the stages; must run before Prefect is imported."""
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlhf")
+    prepare_stages(home)
+
+
+def prepare_stages(home: Path) -> None:
+    """The environment the stages (Ray, datasets, the hub client) need; also for runs a Prefect worker starts."""
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["RLHF_HOME"] = str(home)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_DATASETS_CACHE", str(home / "cache" / "datasets"))
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # per-map bars drown the progress lines
