@@ -89,4 +89,7 @@ def pipeline_flow(
                 logger.info("stage %s: running %s", stage, spec.fingerprint)
                 records[stage] = STAGE_TASKS[stage](spec)
         report.log_report(parent, name, tags, list(records.values()))
-    return {"pipeline": name, "experiment": experiment, "parent_run": parent, "stages": list(records.values())}
+    return {
+        "pipeline": name, "experiment": experiment, "parent_run": parent, "flow_run": str(flow_run.id),
+        "stages": list(records.values()),
+    }

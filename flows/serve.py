@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+from prefect.deployments.runner import EntrypointType
 from prefect.schedules import Cron, Interval
 
 from flows.pipeline import pipeline_flow
@@ -55,6 +56,7 @@ def deployments(config_file: Path, home: Path, names: list[str]) -> list:
                 },
                 concurrency_limit=1,
                 tags=["rlhf", name],
+                entrypoint_type=EntrypointType.MODULE_PATH,  # the package is installed: runs need no source path
             )
         )
     return result

@@ -111,16 +111,12 @@ class Local:
         self._create_databases("prefect", "mlflow")
 
     def _create_databases(self, *names: str) -> None:
-        import psycopg2
+        import psycopg
 
-        connection = psycopg2.connect(self.postgres_url("postgres"))
-        connection.autocommit = True
-        with connection.cursor() as cursor:
+        with psycopg.connect(self.postgres_url("postgres"), autocommit=True) as connection:
             for name in names:
-                cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-                if cursor.fetchone() is None:
-                    cursor.execute(f'CREATE DATABASE "{name}"')
-        connection.close()
+                if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                    connection.execute(f'CREATE DATABASE "{name}"')
 
     def down_postgres(self) -> None:
         entry = self.state()["postgres"]
@@ -187,13 +183,13 @@ class Local:
         ray_port = port("ray", 6380)
         temp = tempfile.mkdtemp(prefix="rlhf-ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
         common = ["--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp]
-        env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+        env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}  # a joining node sends the token
         self.save(ray={"port": ray_port, "temp_dir": temp})
         head_cpus, worker_cpus = os.environ.get("RLHF_RAY_HEAD_CPUS", "1"), os.environ.get("RLHF_RAY_WORKER_CPUS", "1")
         _run([str(BIN / "ray"), "start", "--head", "--node-ip-address", HOST, "--port", str(ray_port),
               "--num-cpus", head_cpus, *common], self.logs / "ray.log", env)
         _run([str(BIN / "ray"), "start", "--address", f"{HOST}:{ray_port}", "--node-ip-address", HOST,
-              "--num-cpus", worker_cpus, *common], self.logs / "ray.log", env)
+              "--num-cpus", worker_cpus], self.logs / "ray.log", env)
 
     def down_ray(self) -> None:
         """Stops this cluster's processes only (`ray stop` would stop every Ray on the machine)."""
@@ -215,7 +211,9 @@ class Local:
             try:
                 getattr(self, f"up_{service}")()
             except Failed:
-                self._forget(service)
+                if service in self.state():  # started in part: stop that part
+                    getattr(self, f"down_{service}")()
+                    self._forget(service)
                 raise
             _say(f"{service}: up")
         self.write_env()
@@ -303,7 +301,7 @@ def main() -> None:
     parser.add_argument("services", nargs="*", metavar="SERVICE", help=f"any of {', '.join(SERVICES)} [default: all]")
     home = Path(os.environ.get("RLHF_HOME", ".rlhf"))
     parser.add_argument("--dir", type=Path, default=home / "infra", help="state directory [default: %(default)s]")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if unknown := set(args.services) - set(SERVICES):
         parser.error(f"unknown service {', '.join(sorted(unknown))}; services: {', '.join(SERVICES)}")
     local = Local(args.dir)

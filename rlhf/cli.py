@@ -113,7 +113,7 @@ def _start_temporary_prefect_api() -> None:
 
 
 def _summary(result: dict) -> None:
-    from rlhf.tracking import run_link
+    from rlhf.tracking import is_local, run_link, tracking_uri
 
     table = Table(title=f"pipeline {result['pipeline']}")
     for column in ("stage", "action", "seconds", "headline", "MLflow run"):
@@ -127,7 +127,11 @@ def _summary(result: dict) -> None:
     for line in evaluation_lines(result["stages"], result["pipeline"]):
         console.print(line, style="bold red" if line.startswith("WARNING") else None)
     console.print(f"MLflow parent run: {result['parent_run']} (report.md attached)")
-    console.print(f"dashboard: rlhf --home {state['home']} ui  ->  {run_link(result['experiment'], result['parent_run'])}")
+    link = run_link(result["experiment"], result["parent_run"])
+    local = is_local(tracking_uri(state["home"]))
+    console.print(f"dashboard: rlhf --home {state['home']} ui  ->  {link}" if local else f"dashboard: {link}")
+    if api := os.environ.get("PREFECT_API_URL"):
+        console.print(f"Prefect flow run: {api.removesuffix('/').removesuffix('/api')}/runs/flow-run/{result['flow_run']}")
 
 
 def _number(value: float) -> str:

@@ -109,7 +109,7 @@ def test_logprobs_and_entropy_use_the_temperature():
 
 
 def test_response_mask_stops_after_the_first_eos():
-    eos, pad = 1, 0
+    eos = 1
     responses = torch.tensor([[5, 6, 1, 0, 0], [5, 1, 7, 1, 0], [5, 6, 7, 8, 9]])
     mask, ended = A.response_mask(responses, eos)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]

@@ -2,11 +2,7 @@
 
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -143,27 +139,3 @@ def test_a_killed_worker_is_restarted_and_the_stage_completes(reference):
     steps = history(cli.home)
     assert [h["iteration"] for h in steps] == list(range(1, 81))
     assert max(h["restored_from"] for h in steps) >= 5  # the worker group restarted from a checkpoint
-
-
-def test_ppo_runs_on_an_existing_cluster_through_ray_address(reference):
-    project, _ = reference
-    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
-    ray = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    started = subprocess.run(
-        [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", "6399", "--num-cpus", "2",
-         "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(temp)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert started.returncode == 0, started.stderr[-3000:]
-    try:
-        # `ray start` turns on token authentication; a driver sends the token only in token mode
-        cli = Cli(project, project / "home-cluster")
-        done = cli("run", PIPELINE, RAY_ADDRESS="127.0.0.1:6399", RAY_AUTH_MODE="token")
-        assert done.returncode == 0, done.stderr[-4000:]
-        output = done.stdout + done.stderr
-        assert "Connecting to existing Ray cluster" in output and "Ray cluster 127.0.0.1:6399" in output
-        assert len(history(cli.home)) == 30
-    finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=300)
-        shutil.rmtree(temp, ignore_errors=True)

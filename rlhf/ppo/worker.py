@@ -67,11 +67,13 @@ class PromptSampler:
 
 def train_loop(config: dict) -> None:
     """Ray Train entry point; `config` holds only plain values (paths, ids, the stage block)."""
+    import ray
     import ray.train
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress lines
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    print(f"ppo: worker {rank} of {world} on Ray node {ray.get_runtime_context().get_node_id()}", flush=True)
     ppo = PpoStage.model_validate(config["ppo"])
     torch.set_num_threads(config["threads"])
     _seed_everything(config["seed"])  # the same LoRA initialisation on every worker, as data parallelism needs

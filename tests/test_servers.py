@@ -1,0 +1,135 @@
+"""The operations path against real servers on 127.0.0.1, started by `infra/local-up` and stopped by
+`infra/local-down`: PostgreSQL, a Prefect server and an MLflow tracking server on it, and a two-node
+Ray cluster. `rlhf serve` registers the scheduled deployment; one run triggered through the Prefect
+API runs the tiny pipeline with PPO on both Ray nodes, tracked by the MLflow server."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import HH_FILE, ROOT, TINY_PIPELINES, Cli, kill_group, wait_for
+
+pytestmark = pytest.mark.slow
+PIPELINE = "tiny-ppo"
+STAGES = ["data", "sft", "reward", "ppo", "evaluate"]
+PORTS = {"RLHF_POSTGRES_PORT": "55433", "RLHF_PREFECT_PORT": "54200", "RLHF_MLFLOW_PORT": "55000", "RLHF_RAY_PORT": "56380"}
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """`infra/local-up` in a fresh directory (PostgreSQL runs as user postgres, who must reach it)."""
+    directory = Path(tempfile.mkdtemp(prefix="rlhf-infra-", dir="/tmp"))
+    directory.chmod(0o755)
+    env = os.environ | PORTS
+    up = subprocess.run([ROOT / "infra" / "local-up", "--dir", directory], capture_output=True, text=True, env=env, timeout=600)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        exports = dict(re.findall(r"^export (\w+)=(\S+)$", up.stdout, re.M))
+        assert exports == dict(re.findall(r"^export (\w+)=(\S+)$", (directory / "env").read_text(), re.M))
+        yield exports
+    finally:
+        down = subprocess.run([ROOT / "infra" / "local-down", "--dir", directory], capture_output=True, text=True, env=env, timeout=300)
+        leftovers = [p for p in Path("/proc").glob("[0-9]*/cmdline") if _mentions(p, str(directory))]
+        shutil.rmtree(directory, ignore_errors=True)
+        assert down.returncode == 0, down.stderr[-3000:]
+        assert not leftovers, "local-down left processes running"
+
+
+def _mentions(cmdline: Path, text: str) -> bool:
+    try:
+        return text in cmdline.read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    project = tmp_path_factory.mktemp("ops-project")
+    (project / "pipelines.yaml").write_text(TINY_PIPELINES.replace("HH_FILE", str(HH_FILE)))
+    (project / "prefs.jsonl").write_text("")
+    return project
+
+
+@pytest.fixture(scope="module")
+def scheduled(servers, project):
+    """`rlhf serve` running; one run of its deployment triggered through the Prefect API and finished."""
+    api = httpx.Client(base_url=servers["PREFECT_API_URL"], timeout=30)
+    cli = Cli(project, project / "home")
+    serving = cli.start("serve", PIPELINE, **servers)
+    try:
+        wait_for(lambda: api.get(f"/deployments/name/rlhf-pipeline/{PIPELINE}").status_code == 200
+                 or serving.poll() is not None, 300, "the served deployment")
+        assert serving.poll() is None, serving.log.read_text()[-3000:]
+        deployment = api.get(f"/deployments/name/rlhf-pipeline/{PIPELINE}").json()
+        run = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).json()
+        wait_for(lambda: api.get(f"/flow_runs/{run['id']}").json()["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED"),
+                 600, "the triggered flow run")
+        yield {"api": api, "cli": cli, "deployment": deployment, "run": api.get(f"/flow_runs/{run['id']}").json(),
+               "serve_log": serving.log}
+    finally:
+        kill_group(serving)
+
+
+def flow_runs(api: httpx.Client) -> list[dict]:
+    return api.post("/flow_runs/filter", json={"sort": "START_TIME_DESC"}).json()
+
+
+def test_serve_registers_the_schedule_and_the_triggered_run_completes(scheduled):
+    deployment, run = scheduled["deployment"], scheduled["run"]
+    assert run["state"]["type"] == "COMPLETED", scheduled["serve_log"].read_text()[-4000:]
+    [schedule] = deployment["schedules"]
+    assert schedule["schedule"]["cron"] == "0 0 1 1 *" and schedule["schedule"]["timezone"] == "Europe/Berlin"
+    assert schedule["active"] and schedule["slug"] == f"{PIPELINE}-schedule"
+    assert deployment["concurrency_limit"] == 1 or deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["parameters"]["pipeline"] == PIPELINE
+    listed = {r["id"]: r["state"]["type"] for r in flow_runs(scheduled["api"])}
+    assert listed[run["id"]] == "COMPLETED"
+
+
+def test_the_run_is_tracked_by_the_mlflow_server(servers, scheduled):
+    mlflow = httpx.Client(base_url=servers["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow", timeout=30)
+    experiment = mlflow.get("/experiments/get-by-name", params={"experiment_name": "tests-ppo"}).json()["experiment"]
+    runs = mlflow.post("/runs/search", json={"experiment_ids": [experiment["experiment_id"]], "max_results": 100}).json()["runs"]
+    tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+    [parent] = [i for i, t in tags.items() if t.get("rlhf.prefect_flow_run_id") == scheduled["run"]["id"]]
+    children = {t["rlhf.stage"]: i for i, t in tags.items() if t.get("mlflow.parentRunId") == parent}
+    assert sorted(children) == sorted(STAGES)
+    for run_id in (parent, children["data"], children["ppo"]):
+        assert mlflow.get("/artifacts/list", params={"run_id": run_id}).json().get("files"), run_id
+    kl = mlflow.get("/metrics/get-history", params={"run_id": children["ppo"], "metric_key": "ppo/kl"}).json()["metrics"]
+    assert len(kl) == 30
+
+
+def test_ppo_workers_ran_on_both_ray_nodes(scheduled):
+    nodes = dict(re.findall(r"ppo: worker (\d) of 2 on Ray node (\w+)", scheduled["serve_log"].read_text()))
+    assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"]
+
+
+def test_cli_rerun_over_the_servers_is_a_new_flow_run_and_parent_run(servers, scheduled):
+    before = {r["id"] for r in flow_runs(scheduled["api"])}
+    rerun = scheduled["cli"]("run", PIPELINE, "--only", "reward", **servers)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert re.search(r"│ reward\s+│ reused", rerun.stdout)
+    [new] = [r for r in flow_runs(scheduled["api"]) if r["id"] not in before]
+    assert new["state"]["type"] == "COMPLETED" and new["id"] in rerun.stdout.replace("\n", "")
+    assert servers["MLFLOW_TRACKING_URI"] in rerun.stdout
+
+
+def test_infra_prefect_yaml_deploys_to_a_process_pool(servers):
+    env = os.environ | {"PREFECT_API_URL": servers["PREFECT_API_URL"]}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    for command in (["work-pool", "create", "rlhf-process", "--type", "process", "--overwrite"],
+                    ["deploy", "--prefect-file", "infra/prefect.yaml", "--all"]):
+        done = subprocess.run([prefect, "--no-prompt", *command], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    api = httpx.Client(base_url=servers["PREFECT_API_URL"], timeout=30)
+    deployment = api.get("/deployments/name/rlhf-pipeline/demo-pool").json()
+    assert deployment["work_pool_name"] == "rlhf-process" and deployment["entrypoint"] == "flows/pipeline.py:pipeline_flow"
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
