@@ -56,3 +56,32 @@ def test_the_shipped_pipelines_file_is_valid():
     parsed = load_file(Path(__file__).resolve().parents[1] / "pipelines.yaml")
     assert parsed.default == "demo"
     assert parsed.pipelines["demo"].stages.data.instructions.source == "synthetic_reviews"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("schedule.cron='61 * * * *'", "'pipelines.tiny-ppo.schedule.cron': Value error, not a cron expression"),
+        ("schedule.timezone=Mars/Base", "'pipelines.tiny-ppo.schedule.timezone': Value error, not an IANA time zone"),
+        ("schedule.interval=60", "'pipelines.tiny-ppo.schedule': Value error, give exactly one of 'cron' and 'interval'"),
+    ],
+)
+def test_a_bad_schedule_names_its_key(project: Path, override: str, expected: str):
+    with pytest.raises(InputError) as err:
+        load_pipeline(project / "pipelines.yaml", "tiny-ppo", [override])
+    assert expected in str(err.value)
+
+
+def test_schedule_overrides_must_give_a_valid_pipeline(project: Path):
+    text = (project / "pipelines.yaml").read_text()
+    (project / "pipelines.yaml").write_text(text.replace('timezone: Europe/Berlin}', 'timezone: UTC, overrides: ["stages.ppo.epochs=zero"]}'))
+    with pytest.raises(InputError) as err:
+        load_file(project / "pipelines.yaml")
+    assert "pipelines.tiny-ppo.schedule.overrides:" in str(err.value) and "'pipelines.tiny-ppo.stages.ppo.epochs'" in str(err.value)
+
+
+def test_serve_without_a_prefect_server_or_schedule_exits_2(cli):
+    no_server = cli("serve", "tiny-ppo", timeout=120)
+    assert no_server.returncode == 2 and "schedules need a Prefect server" in no_server.stderr
+    no_schedule = cli("serve", "tiny", timeout=120)
+    assert no_schedule.returncode == 2 and "pipelines.tiny has no 'schedule:'" in no_schedule.stderr

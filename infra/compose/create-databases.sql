@@ -1,0 +1,3 @@
+-- Runs once, when the PostgreSQL volume is first initialised.
+CREATE DATABASE prefect;
+CREATE DATABASE mlflow;
