@@ -50,7 +50,7 @@ def make_models(size: ScratchModel, root: Path) -> tuple[Path, Path, list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=8)
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl, bf16 autocast not used")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl")
     args = parser.parse_args()
     ppo = PpoStage(iterations=args.iterations, checkpoint_every=args.iterations, samples_every=args.iterations)
     rows = []
@@ -63,7 +63,7 @@ def main() -> None:
             for workers in (1, 2):
                 run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("Default").experiment_id)
                 final = driver.run(
-                    ppo, RayConfig(num_workers=workers, cpus_per_worker=1 if not args.gpu else 1, use_gpu=args.gpu),
+                    ppo, RayConfig(num_workers=workers, cpus_per_worker=1, use_gpu=args.gpu),
                     name=f"bench-{parameters}-{workers}", storage=root / "ray", seed=0, sft_model=sft,
                     reward_dir=reward, prompts=prompts, gold=True, mlflow_uri=mlflow.get_tracking_uri(),
                     mlflow_run_id=run.info.run_id,
