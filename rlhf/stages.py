@@ -231,6 +231,9 @@ def _attempt(spec: StageSpec, stage_dir: StageDir, recipe: Callable[[StageContex
                 work=stage_dir.work,
                 run_id=run_id,
             )
+            from rlhf.seeding import seed_everything
+
+            seed_everything(spec.pipeline.seed)  # heads and adapters are initialised before any trainer seeds
             result = recipe(context)
             seconds = time.monotonic() - started
             manifest = {

@@ -3,7 +3,6 @@ repo: images, ports, mounted files, entrypoints, and schedules equal to pipeline
 
 import re
 import shlex
-from pathlib import Path
 
 import yaml
 

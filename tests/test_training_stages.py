@@ -51,9 +51,16 @@ def test_sft_and_reward_run_reuse_and_rerun_what_changed(cli):
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert actions(changed.stdout) == {"data": "reused", "sft": "ran", "reward": "ran"}
 
+    newest_reward = lambda: max(  # noqa: E731
+        (json.loads(p.read_text()) for p in (cli.home / "runs" / "tiny-rlhf" / "reward").glob("*/manifest.json")),
+        key=lambda m: m["finished_at"],
+    )
+    changed_reward = newest_reward()
     again = cli("run", "tiny-rlhf", "--set", "stages.sft.learning_rate=0.002", "--from", "reward")
     assert again.returncode == 0, again.stderr[-3000:]
     assert actions(again.stdout) == {"data": "reused", "sft": "reused", "reward": "ran"}
+    # the same seed and inputs give the same reward model, head initialisation included
+    assert newest_reward()["outputs"]["digest"] == changed_reward["outputs"]["digest"]
 
     only = cli("run", "tiny-rlhf", "--set", "stages.sft.learning_rate=0.002", "--from", "reward", "--only", "reward")
     assert only.returncode == 0, only.stderr[-3000:]

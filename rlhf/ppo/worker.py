@@ -29,6 +29,7 @@ from rlhf.config import PpoStage
 from rlhf.data.formats import text_of
 from rlhf.generation import render
 from rlhf.ppo import algorithm as A
+from rlhf.seeding import seed_everything
 from rlhf.training import lora_config
 
 
@@ -76,7 +77,7 @@ def train_loop(config: dict) -> None:
     print(f"ppo: worker {rank} of {world} on Ray node {ray.get_runtime_context().get_node_id()}", flush=True)
     ppo = PpoStage.model_validate(config["ppo"])
     torch.set_num_threads(config["threads"])
-    _seed_everything(config["seed"])  # the same LoRA initialisation on every worker, as data parallelism needs
+    seed_everything(config["seed"])  # the same LoRA initialisation on every worker, as data parallelism needs
     device = torch.device("cuda" if config["use_gpu"] else "cpu")
 
     tokenizer = models.load_tokenizer(Path(config["sft_model"]), padding_side="left")
@@ -87,7 +88,7 @@ def train_loop(config: dict) -> None:
     normalisation = json.loads(Path(config["normalisation"]).read_text())
     prompts = config["prompts"]
     gold = synthetic_reviews.gold_reward if config["gold"] else None
-    _seed_everything(config["seed"] * 1000 + rank)  # but each worker samples its own rollouts
+    seed_everything(config["seed"] * 1000 + rank)  # but each worker samples its own rollouts
 
     steps = ppo.iterations * ppo.epochs * ppo.minibatches
     policy_params = [p for p in policy.parameters() if p.requires_grad]
@@ -372,12 +373,6 @@ def _trainable_load(model, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _get_rng() -> dict:
