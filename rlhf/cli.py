@@ -91,8 +91,10 @@ def serve(
     pipelines: Annotated[Optional[list[str]], typer.Argument(help="pipelines to serve [default: all with a schedule]")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Serve a scheduled Prefect deployment per pipeline (from its `schedule:`) until stopped; needs
-    a Prefect server in PREFECT_API_URL. Scheduled runs share this home with `rlhf run`."""
+    """Serve each pipeline's `schedule:` as a Prefect deployment until stopped (needs PREFECT_API_URL).
+
+    Scheduled runs share this home with `rlhf run`: each reuses the other's completed stages.
+    """
     config = _config(config)
     rlhf_home.prepare(state["home"])
     logging.getLogger("rlhf").setLevel(logging.INFO)
