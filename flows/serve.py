@@ -19,9 +19,6 @@ from flows.pipeline import pipeline_flow
 from rlhf.config import Schedule, load_file
 from rlhf.errors import InputError
 
-FLOW_NAME = "rlhf-pipeline"
-
-
 def prefect_schedule(schedule: Schedule, pipeline: str):
     common = {"timezone": schedule.timezone, "active": schedule.active, "slug": f"{pipeline}-schedule"}
     if schedule.cron is not None:
@@ -46,7 +43,7 @@ def deployments(config_file: Path, home: Path, names: list[str]) -> list:
         result.append(
             pipeline_flow.to_deployment(
                 name=name,
-                description=(pipeline.description or "").strip() or None,
+                description=pipeline.description.strip() or None,
                 schedules=[prefect_schedule(pipeline.schedule, name)],
                 parameters={
                     "pipeline": name,
