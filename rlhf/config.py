@@ -11,7 +11,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -66,18 +66,30 @@ InstructionSource = Annotated[
 PreferenceSource = Annotated[Union[FileSource, HubSource], Field(discriminator="source")]
 
 
+GoldReward = Literal["synthetic_reviews", "vader_positive"]
+
+
 class DataStage(Strict):
     """Instruction data for SFT, preference pairs for the reward model, prompts for PPO."""
 
     instructions: InstructionSource | None = None
     preferences: PreferenceSource | None = None
+    prompts: PreferenceSource | None = Field(None, description="extra prompts (rows with a `prompt`) for PPO and evaluation")
+    gold_reward: GoldReward | None = Field(
+        None, description="the task's known truth (rlhf/gold.py); synthetic_reviews data implies synthetic_reviews"
+    )
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of prompts held out")
 
     @model_validator(mode="after")
     def _needs_data(self) -> DataStage:
-        if self.instructions is None and self.preferences is None:
-            raise ValueError("give at least one of 'instructions' or 'preferences'")
+        if self.instructions is None and self.preferences is None and self.prompts is None:
+            raise ValueError("give at least one of 'instructions', 'preferences' or 'prompts'")
         return self
+
+    def gold(self) -> str | None:
+        if self.gold_reward is None and isinstance(self.instructions, SyntheticReviewsSource):
+            return "synthetic_reviews"
+        return self.gold_reward
 
 
 # ----------------------------------------------------------------------- models
@@ -96,10 +108,11 @@ class ScratchModel(Strict):
 
 
 class PretrainedModel(Strict):
-    """A model from a local directory or a hub id (`HF_HUB_OFFLINE` respected)."""
+    """A model from a local directory, a hub id (`HF_HUB_OFFLINE` respected) or a folder inside a Python package."""
 
     init: Literal["pretrained"]
-    path: str
+    path: str = Field(description="a directory, a hub id, or `package:NAME` for the folder of an installed package")
+    gguf_file: str | None = Field(None, description="a GGUF file in `path`, dequantised once and cached under the home")
     revision: str | None = None
     trust_remote_code: bool = False
 
@@ -114,8 +127,13 @@ class Lora(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+Precision = Literal["fp32", "bf16"]
+
+
 class Training(Strict):
     """Trainer settings shared by the SFT and reward stages."""
+
+    _trl_config: ClassVar[str]  # the TRL config class `trainer_args` must fit
 
     learning_rate: float = Field(gt=0)
     batch_size: int = Field(32, ge=1)
@@ -130,11 +148,28 @@ class Training(Strict):
     save_total_limit: int = Field(2, ge=1)
     logging_steps: int = Field(10, ge=1)
     lora: Lora | None = None
+    precision: Precision = Field("fp32", description="bf16: mixed precision (weights, LoRA and optimizer state stay fp32)")
+    gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    trainer_args: dict[str, Any] = Field({}, description="any other TRL config key, validated by TRL's own class")
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _trl_accepts(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        if extra:
+            from rlhf.training import check_trainer_args
+
+            check_trainer_args(cls._trl_config, extra)
+        return extra
 
 
 class SftStage(Training):
-    """Instruction SFT with TRL's SFTTrainer; loss on the completion only."""
+    """Instruction SFT with TRL's SFTTrainer; loss on the completion only.
 
+    Without instruction data it trains on the chosen replies of the preference pairs.
+    """
+
+    _trl_config = "SFTConfig"
     model: ModelSource
     samples: int = Field(8, ge=0, description="eval prompts to generate for the samples table")
     max_new_tokens: int = Field(48, ge=1)
@@ -147,7 +182,7 @@ class SftStage(Training):
 
 
 class PolicyPairs(Strict):
-    """Two samples per prompt from the SFT policy, labelled by the task's gold reward."""
+    """Two samples per prompt from the starting policy (the SFT model, else the stage's own model), labelled by gold."""
 
     source: Literal["policy"]
     count: int = Field(3000, ge=2, description="training pairs")
@@ -166,6 +201,7 @@ class DataPairs(Strict):
 class RewardStage(Training):
     """A scalar-head reward model trained on preference pairs with TRL's RewardTrainer."""
 
+    _trl_config = "RewardConfig"
     model: ModelSource | None = Field(None, description="null: the SFT stage's model")
     pairs: Annotated[Union[PolicyPairs, DataPairs], Field(discriminator="source")]
 
@@ -182,6 +218,10 @@ class KLPenalty(Strict):
 class PpoStage(Strict):
     """PPO with a LoRA policy on the SFT model, a critic from the reward model, on Ray Train."""
 
+    policy: PretrainedModel | None = Field(None, description="the starting policy when the pipeline has no sft stage")
+    reward_model: Path | None = Field(
+        None, description="a trained reward model (directory with its tokenizer) when the pipeline has no reward stage"
+    )
     iterations: int = Field(80, ge=1)
     batch_size: int = Field(32, ge=1, description="prompts per iteration, over all workers")
     max_new_tokens: int = Field(40, ge=1)
@@ -191,7 +231,17 @@ class PpoStage(Strict):
     learning_rate: float = Field(1e-3, gt=0, description="policy (LoRA) learning rate")
     critic_learning_rate: float = Field(1e-3, gt=0)
     lora: Lora = Lora()
-    critic_lora: Lora | None = Field(None, description="null trains the critic fully")
+    critic_lora: Lora | Literal["auto"] | None = Field(
+        "auto", description="null trains the critic fully; auto: LoRA r16 on a pretrained base, full on a scratch one"
+    )
+    normalisation_samples: int = Field(
+        64, ge=2, description="samples of the starting policy, under these sampling settings, that fix the score mean and std"
+    )
+    precision: Precision = Field("fp32", description="bf16: autocast matmuls; LoRA, critic and optimizer state stay fp32")
+    gradient_checkpointing: bool = False
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="sequences per forward/backward; gradients accumulate over a minibatch (null: all at once)"
+    )
     kl: KLPenalty = KLPenalty()
     clip_ratio: float = Field(0.2, gt=0)
     clip_value: float = Field(0.2, gt=0)
@@ -222,8 +272,8 @@ class HackingCheck(Strict):
 class RegistryGates(Strict):
     """When the PPO policy is registered as `<pipeline>-policy` (alias `candidate`)."""
 
-    min_win_rate: float = Field(0.5, ge=0, le=1, description="over SFT; under gold when the task has one")
-    max_kl: float = Field(30.0, gt=0, description="nats per sequence to the SFT policy")
+    min_win_rate: float = Field(0.5, ge=0, le=1, description="over the baseline; under gold when the task has one")
+    max_kl: float = Field(30.0, gt=0, description="nats per sequence to the baseline (SFT or starting) policy")
 
 
 class EvaluateStage(Strict):
@@ -296,15 +346,21 @@ class Stages(Strict):
 
     @model_validator(mode="after")
     def _reward_has_a_model(self) -> Stages:
-        if self.reward is not None and self.sft is None:
-            if self.reward.model is None:
-                raise ValueError("stages.reward.model is required when the pipeline has no sft stage")
-            if isinstance(self.reward.pairs, PolicyPairs):
-                raise ValueError("stages.reward.pairs.source 'policy' samples the SFT policy: add an sft stage")
-        if self.ppo is not None and (self.sft is None or self.reward is None):
-            raise ValueError("stages.ppo needs the sft and reward stages")
+        if self.reward is not None and self.sft is None and self.reward.model is None:
+            raise ValueError("stages.reward.model is required when the pipeline has no sft stage")
+        if self.reward is not None and isinstance(self.reward.pairs, PolicyPairs) and self.data.gold() is None:
+            raise ValueError(
+                "stages.reward.pairs.source 'policy' labels samples with a gold reward: set stages.data.gold_reward or use 'data'"
+            )
+        if self.ppo is not None:
+            for stage, key in (("sft", "policy"), ("reward", "reward_model")):
+                given = getattr(self.ppo, key) is not None
+                if getattr(self, stage) is None and not given:
+                    raise ValueError(f"stages.ppo.{key} is required when the pipeline has no {stage} stage")
+                if getattr(self, stage) is not None and given:
+                    raise ValueError(f"stages.ppo.{key}: the {stage} stage provides it; remove one of the two")
         if self.evaluate is not None and self.ppo is None:
-            raise ValueError("stages.evaluate compares the PPO policy with the SFT policy: add a ppo stage")
+            raise ValueError("stages.evaluate compares the PPO policy with its starting policy: add a ppo stage")
         return self
 
     def present(self) -> list[str]:
@@ -439,10 +495,12 @@ def read_yaml(path: Path) -> dict:
 
 def _resolve_paths(pipeline: Pipeline, base: Path) -> None:
     """Relative data paths are relative to the directory of the config file."""
-    data = pipeline.stages.data
-    for source in (data.instructions, data.preferences):
+    stages = pipeline.stages
+    for source in (stages.data.instructions, stages.data.preferences, stages.data.prompts):
         if isinstance(source, FileSource) and not source.path.is_absolute():
             source.path = (base / source.path).resolve()
+    if stages.ppo is not None and stages.ppo.reward_model is not None and not stages.ppo.reward_model.is_absolute():
+        stages.ppo.reward_model = (base / stages.ppo.reward_model).resolve()
 
 
 def load_file(path: Path) -> PipelinesFile:

@@ -1,13 +1,20 @@
-"""Sampling and scoring in batches, with the same settings everywhere.
+"""Sampling, decoding and scoring in batches, with the same settings everywhere.
 
-Prompts are rendered with the chat template and left-padded; sampling uses
-plain temperature (top_k 0, top_p 1), so the distribution sampled is the one
-the log-probabilities describe.
+Prompts are rendered with the chat template and left-padded. Sampling uses an
+explicit generation config (plain temperature: top_k 0, top_p 1, no
+penalties) with the model's own `generation_config` set aside, so what is
+sampled is the distribution the log-probabilities describe, whatever
+defaults a pretrained checkpoint ships. Responses are decoded up to their
+first EOS only, and scored as the chat template renders them, in PPO,
+reward training and evaluation alike.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+from transformers import GenerationConfig
 
 from rlhf.data.formats import Messages
 
@@ -18,41 +25,80 @@ def render(tokenizer, prompt: Messages, response: str | None = None) -> str:
     return tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
 
 
+def sampling_config(tokenizer, max_new_tokens: int, temperature: float) -> GenerationConfig:
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+@contextmanager
+def _only(model, config: GenerationConfig):
+    """`generate` fills unset fields from the model's generation_config; swap in ours so nothing comes from there."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved, target.generation_config = target.generation_config, config
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
+def generate(model, batch, config: GenerationConfig) -> torch.Tensor:
+    """The generated tokens only: [batch, <= max_new_tokens], padded after each response's EOS."""
+    with _only(model, config):
+        out = model.generate(**batch, generation_config=config)
+    return out[:, batch["input_ids"].shape[1] :]
+
+
+def decode(tokenizer, generated: torch.Tensor) -> tuple[list[str], list[bool]]:
+    """Each response's text before its first EOS, and whether it has one.
+
+    Never decodes padding, and never mistakes padding for text or text for
+    padding when the padding token is the EOS token.
+    """
+    eos = tokenizer.eos_token_id
+    texts, ended = [], []
+    for row in generated.tolist():
+        cut = row.index(eos) if eos in row else len(row)
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+        ended.append(cut < len(row))
+    return texts, ended
+
+
 @torch.no_grad()
 def sample(
     model, tokenizer, prompts: list[Messages], max_new_tokens: int, temperature: float, seed: int, batch_size: int = 128
 ) -> tuple[list[str], list[bool]]:
-    """One sampled response per prompt, decoded without special tokens, and whether each ended with EOS."""
+    """One sampled response per prompt, and whether each ended with EOS."""
     model.eval()
     tokenizer.padding_side = "left"
+    config = sampling_config(tokenizer, max_new_tokens, temperature)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     responses, ended = [], []
     for start in range(0, len(prompts), batch_size):
         texts = [render(tokenizer, p) for p in prompts[start : start + batch_size]]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out = model.generate(
-            **batch,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        generated = out[:, batch["input_ids"].shape[1] :]
-        responses += tokenizer.batch_decode(generated, skip_special_tokens=True)
-        ended += (generated == tokenizer.eos_token_id).any(-1).tolist()
+        decoded, finished = decode(tokenizer, generate(model, batch, config))
+        responses += decoded
+        ended += finished
     torch.random.set_rng_state(generator_state)
     return responses, ended
 
 
 @torch.no_grad()
 def score(reward_model, tokenizer, prompts: list[Messages], responses: list[str], max_length: int, batch_size: int = 64) -> list[float]:
-    """Reward-model scores of (prompt, response) pairs."""
+    """Reward-model scores of (prompt, response) pairs, with the reward model's own tokenizer.
+
+    Left padding keeps the truncation and the scored last token at the end of the rendered turn.
+    """
     reward_model.eval()
-    tokenizer.padding_side = "left"  # keeps the truncation and the scored last token at the response end
+    tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
     scores = []
     for start in range(0, len(prompts), batch_size):

@@ -8,11 +8,15 @@ load one directory and never rebuild anything.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -24,21 +28,33 @@ from transformers import (
 
 from rlhf.config import PretrainedModel, ScratchModel
 from rlhf.errors import InputError
+from rlhf.store import digest_tree
 
 log = logging.getLogger("rlhf")
 
 PAD, EOS = "<|pad|>", "<|eos|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
-# Assistant turns end with EOS; the generation prompt is the assistant tag, so
+# Assistant turns end with the tokenizer's EOS; the generation prompt is the assistant tag, so
 # the rendered prompt is a prefix of prompt + completion (TRL's completion mask needs that).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "<|{{ message['role'] }}|>{{ message['content'] }}"
-    "{%- if message['role'] == 'assistant' -%}<|eos|>{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
+# For a pretrained tokenizer without a chat template: role names as plain text, which any
+# vocabulary spells, and the tokenizer's own EOS closing each assistant turn.
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+)
+_HUB_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py"]  # config, tokenizer, code; weights chosen below
+_PROBE = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -82,37 +98,110 @@ def build_model(config: ScratchModel, tokenizer: PreTrainedTokenizerFast, seed: 
     return model
 
 
-def provision(config: ScratchModel | PretrainedModel, texts: Iterable[str], seed: int, where: str, into: Path) -> Path:
-    """Make the stage's starting model and tokenizer and save them to `into`; returns `into`.
+def provision(config: ScratchModel | PretrainedModel, texts: Iterable[str], seed: int, where: str, into: Path, home: Path) -> Path:
+    """The directory of the stage's starting model and tokenizer.
 
-    Saved once per attempt, so a resumed attempt loads exactly the model it began with.
+    A scratch model is built and saved to `into` once per attempt, so a resumed
+    attempt loads exactly the model it began with; a pretrained one is
+    prepared once per home (`pretrained_dir`).
     """
-    if (into / "config.json").exists():
-        return into
-    if isinstance(config, ScratchModel):
+    if isinstance(config, PretrainedModel):
+        return pretrained_dir(config, home, where)
+    if not (into / "config.json").exists():
         tokenizer = train_tokenizer(texts, config.vocab_size)
         model = build_model(config, tokenizer, seed)
-    else:
-        tokenizer, model = load_pretrained(config, where)
-    into.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(into)
-    tokenizer.save_pretrained(into)
+        into.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(into)
+        tokenizer.save_pretrained(into)
     return into
 
 
-def load_pretrained(config: PretrainedModel, where: str):
-    kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(config.path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{where}.path: cannot load {config.path!r}: {exc}".replace("\n", " ")) from None
+def pretrained_dir(config: PretrainedModel, home: Path, where: str) -> Path:
+    """A directory `from_pretrained` loads the model and its usable tokenizer from.
+
+    A local directory or hub snapshot whose tokenizer needs nothing is used as
+    it is. A GGUF file is dequantised, and a tokenizer without a padding token
+    or chat template completed, once: the result is cached under
+    `<home>/models/`, keyed by the file's digest (GGUF) or by path and revision.
+    """
+    source = _source_dir(config, where)
+    if config.gguf_file is None:
+        tokenizer = _load(AutoTokenizer, source, config, where)
+        if tokenizer.pad_token is not None and tokenizer.chat_template is not None:
+            _check_eos(tokenizer, where)
+            return source
+        key = hashlib.sha256(f"{source}@{config.revision}".encode()).hexdigest()[:16]
+    else:
+        if not (source / config.gguf_file).is_file():
+            raise InputError(f"{where}.gguf_file: {config.gguf_file!r} is not a file in {source}")
+        key = "gguf-" + digest_tree(source / config.gguf_file)[:16]
+    cached = home / "models" / key
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{cached}.lock"):  # two runs on one home prepare it once
+        if not (cached / "config.json").exists():
+            _prepare(source, config, where, cached)
+    return cached
+
+
+def _prepare(source: Path, config: PretrainedModel, where: str, into: Path) -> None:
+    log.info("preparing %s%s once for this home in %s", source, f" ({config.gguf_file})" if config.gguf_file else "", into)
+    tokenizer = _load(AutoTokenizer, source, config, where)
+    model = _load(AutoModelForCausalLM, source, config, where)
+    if getattr(model, "hf_quantizer", None) is not None:  # dequantised GGUF: save plain weights
+        model.hf_quantizer = None
+        del model.config.quantization_config
+    _check_eos(tokenizer, where)
     if tokenizer.pad_token is None:  # many causal LMs ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     model.config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer, model
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    partial = into.with_name(into.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(into)  # complete or absent, never half written
+
+
+def _source_dir(config: PretrainedModel, where: str) -> Path:
+    """`package:NAME` -> the package's folder (found without importing it); a hub id -> its local snapshot."""
+    if config.path.startswith("package:"):
+        name = config.path.removeprefix("package:")
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise InputError(f"{where}.path: no installed package {name!r} (see the README for how to install it)")
+        return Path(spec.submodule_search_locations[0])
+    if Path(config.path).expanduser().is_dir():
+        return Path(config.path).expanduser().resolve()
+    from huggingface_hub import snapshot_download
+
+    wanted = [*_HUB_FILES, config.gguf_file or "*.safetensors"]
+    try:
+        snapshot = Path(snapshot_download(config.path, revision=config.revision, allow_patterns=wanted))
+        if config.gguf_file is None and not any(snapshot.glob("*.safetensors")):  # older repos: pickled weights only
+            snapshot = Path(snapshot_download(config.path, revision=config.revision, allow_patterns=[*wanted, "*.bin"]))
+    except Exception as exc:  # offline misses, unknown repos and bad ids all land here
+        raise InputError(f"{where}.path: cannot load {config.path!r}: {exc}".replace("\n", " ")) from None
+    return snapshot
+
+
+def _load(cls, source: Path, config: PretrainedModel, where: str):
+    kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    if config.gguf_file:
+        kwargs["gguf_file"] = config.gguf_file
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{where}.path: cannot load {config.path!r}: {exc}".replace("\n", " ")) from None
+
+
+def _check_eos(tokenizer, where: str) -> None:
+    if tokenizer.eos_token is None:
+        raise InputError(
+            f"{where}.path: the tokenizer has no EOS token, so a response could never end; "
+            "choose a model whose tokenizer defines eos_token"
+        )
 
 
 def load_tokenizer(directory: Path, padding_side: str = "right"):
@@ -125,8 +214,29 @@ def load_causal_lm(directory: Path):
     return AutoModelForCausalLM.from_pretrained(directory)
 
 
-def load_reward_model(directory: Path, pad_token_id: int):
-    """A sequence-classification model with one output; from a causal LM its score head starts random."""
-    model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1)
-    model.config.pad_token_id = pad_token_id
-    return model
+def load_reward_model(directory: Path):
+    """A saved reward model (one output, pooling on its own padding token)."""
+    return AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1)
+
+
+def new_reward_model(base: Path):
+    """A reward model on a causal LM's weights (score head starts random) and the tokenizer it scores with.
+
+    The sequence-classification head scores the rightmost token that is not
+    padding. When padding is also a token the chat template writes (pad equal
+    to EOS, as in SmolLM2, Llama and Qwen), that would skip a real end of
+    turn, so the reward model pads with a special token the template never
+    writes, or with a new one (its embedding grows by a row nobody samples).
+    """
+    tokenizer = load_tokenizer(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    written = set(tokenizer.apply_chat_template(_PROBE, tokenize=True, return_dict=False))
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in written:
+        spare = [t.content for i, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special and i not in written]
+        if spare:
+            tokenizer.pad_token = spare[0]
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD})
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -15,15 +15,17 @@ def evaluation_lines(records: list[StageRecord], pipeline: str) -> list[str]:
     if not found:
         return []
     m = json.loads((found[0].outputs / "evaluation.json").read_text())["metrics"]
+    base = "sft" if "kl_to_sft" in m else "start"
+    shown = "SFT" if base == "sft" else "start"
     lines = []
     if "gold_gain" in m:
         lines.append(
-            f"gold reward: SFT {m['sft.gold_mean']:+.3f} -> PPO {m['ppo.gold_mean']:+.3f} "
+            f"gold reward: {shown} {m[f'{base}.gold_mean']:+.3f} -> PPO {m['ppo.gold_mean']:+.3f} "
             f"(gain {m['gold_gain']:+.3f}, PPO wins {m['win_rate_gold']:.0%} under gold)"
         )
     lines.append(
         f"reward model: gain {m['score_gain']:+.3f} (normalised), PPO wins {m['win_rate_score']:.0%}; "
-        f"KL to SFT {m['kl_to_sft']:.2f} nats/response over {int(m['prompts'])} held-out generations"
+        f"KL to {shown} {m[f'kl_to_{base}']:.2f} nats/response over {int(m['prompts'])} held-out generations"
     )
     if m["reward_hacking"]:
         lines.append("WARNING: possible reward hacking: the reward model's gain is large but the gold gain is not")

@@ -78,6 +78,7 @@ class StageContext:
     outputs: Path
     work: Path
     run_id: str
+    home: Path  # shared caches (prepared pretrained models) live here
 
 
 @dataclass
@@ -136,7 +137,12 @@ def stage_states(home: Path, name: str, pipeline: Pipeline) -> list[tuple[str, .
 
 
 def external_inputs(stage: str, pipeline: Pipeline) -> dict[str, str]:
-    """Digests of what a stage reads from outside the store (data files)."""
+    """Digests of what a stage reads from outside the store (data files, a given reward model)."""
+    given = pipeline.stages.ppo.reward_model if stage == "ppo" else None
+    if given is not None:
+        if not (given / "config.json").is_file():
+            raise InputError(f"stages.ppo.reward_model: {given} is not a saved model directory (no config.json)")
+        return {"reward_model": digest_tree(given)}
     if stage != "data":
         return {}
     data = pipeline.stages.data
@@ -230,6 +236,7 @@ def _attempt(spec: StageSpec, stage_dir: StageDir, recipe: Callable[[StageContex
                 outputs=stage_dir.new_outputs(),
                 work=stage_dir.work,
                 run_id=run_id,
+                home=spec.home,
             )
             from rlhf.seeding import seed_everything
 

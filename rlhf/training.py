@@ -14,7 +14,11 @@ log = logging.getLogger("rlhf")
 
 
 def trainer_arguments(config: Training, seed: int, output_dir: Path) -> dict:
-    """Keyword arguments for SFTConfig / RewardConfig from a stage's typed block."""
+    """Keyword arguments for SFTConfig / RewardConfig from a stage's typed block, `trainer_args` last."""
+    return _typed_arguments(config, seed, output_dir) | config.trainer_args
+
+
+def _typed_arguments(config: Training, seed: int, output_dir: Path) -> dict:
     on_gpu = torch.cuda.is_available()
     return dict(
         output_dir=str(output_dir),
@@ -37,10 +41,35 @@ def trainer_arguments(config: Training, seed: int, output_dir: Path) -> dict:
         seed=seed,
         data_seed=seed,
         use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        bf16=config.precision == "bf16",  # autocast: the weights and optimizer state stay fp32
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         dataloader_num_workers=0,
         disable_tqdm=True,  # progress goes to the log as lines, which Prefect keeps
     )
+
+
+def check_trainer_args(config_class: str, extra: dict) -> None:
+    """Raise ValueError unless TRL's `config_class` accepts `extra` beside the keys the typed block sets."""
+    import dataclasses
+    import tempfile
+
+    import trl
+
+    from rlhf.config import Training
+
+    cls = getattr(trl, config_class)
+    typed = _typed_arguments(Training(learning_rate=1e-3), 0, Path(tempfile.gettempdir()))
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in extra:
+        if key in typed:
+            raise ValueError(f"'{key}' is set by this stage's own keys; use those instead")
+        if key not in known:
+            raise ValueError(f"'{key}' is not an argument of trl.{config_class}")
+    try:
+        cls(**typed | extra)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"trl.{config_class} refuses them: {exc}".replace("\n", " ")) from None
 
 
 def lora_config(lora: Lora | None, task_type: str, modules_to_save: list[str] | None = None):

@@ -30,6 +30,7 @@ def prepare_data(ctx: StageContext) -> StageResult:
     for role, source, convert in (
         ("instructions", config.instructions, formats.instruction),
         ("preferences", config.preferences, formats.preference),
+        ("prompts", config.prompts, formats.prompt_only),
     ):
         if source is None:
             continue
@@ -42,8 +43,8 @@ def prepare_data(ctx: StageContext) -> StageResult:
     datasets["prompts"] = prepare.distinct_prompts(
         {name: [e for parts in datasets.values() for e in parts[name]] for name in prepare.SPLITS}
     )
-    stats["prompts"] = {name: {"rows": len(rows)} for name, rows in datasets["prompts"].items()}
-    gold = "synthetic_reviews" if isinstance(config.instructions, SyntheticReviewsSource) else None
+    stats.setdefault("prompts", {}).update({name: {"rows": len(rows)} for name, rows in datasets["prompts"].items()})
+    gold = config.gold()
 
     for role, parts in datasets.items():
         prepare.write_splits(parts, ctx.outputs / role)
@@ -56,8 +57,8 @@ def prepare_data(ctx: StageContext) -> StageResult:
     metrics = dict(_numbers(stats))
     mlflow.log_metrics(metrics)
     mlflow.log_dict(stats, "data/stats.json")
-    headline = "instructions.train.rows" if "instructions" in stats else "preferences.train.rows"
-    return StageResult(metrics=metrics, headline=headline)
+    role = next(role for role in ("instructions", "preferences", "prompts") if role in stats)
+    return StageResult(metrics=metrics, headline=f"{role}.train.rows")
 
 
 @task(name="data", cache_policy=NONE, persist_result=False)

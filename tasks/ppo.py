@@ -1,23 +1,29 @@
-"""Stage 4, PPO: our own engine on Ray Train, a LoRA policy on the SFT model against the reward model.
+"""Stage 4, PPO: our own engine on Ray Train, a LoRA policy against the reward model.
 
-This task is the Ray driver. Workers each roll out their shard of prompts,
-gradients are all-reduced, rank 0 logs to this stage's MLflow run and writes
-checkpoints under the work dir; re-entering the stage resumes from the
-newest one. Outputs: `adapter/`, `model/` (the adapter merged into the SFT
-model, with the tokenizer), `critic/`, `history.json`.
+The policy starts from the SFT model, or without an SFT stage from
+`stages.ppo.policy` (an instruct model, say); the reward model is the reward
+stage's, or `stages.ppo.reward_model`. This task is the Ray driver. Workers
+each roll out their shard of prompts, gradients are all-reduced, rank 0 logs
+to this stage's MLflow run and writes checkpoints under the work dir;
+re-entering the stage resumes from the newest one. Outputs: `adapter/`,
+`model/` (the adapter merged into the starting policy, with the tokenizer),
+`critic/`, `normalisation.json` (the score statistics of the starting
+policy), `history.json`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 
+from rlhf import gold as rlhf_gold
 from rlhf import models, plots, registry
-from rlhf.config import PpoStage
+from rlhf.config import Lora, PpoStage, ScratchModel
 from rlhf.data.prepare import load_splits
 from rlhf.ppo import driver
 from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
@@ -25,16 +31,18 @@ from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_s
 
 def train_ppo(ctx: StageContext) -> StageResult:
     config: PpoStage = ctx.config
-    data_dir, sft_model, reward_dir = ctx.upstream["data"], ctx.upstream["sft"] / "model", ctx.upstream["reward"]
-    gold = json.loads((data_dir / "task.json").read_text())["gold_reward"] is not None
+    data_dir, start = ctx.upstream["data"], starting_policy(ctx)
+    reward_model = ctx.upstream["reward"] / "model" if "reward" in ctx.upstream else config.reward_model
+    gold = rlhf_gold.task_gold_name(data_dir)
 
     final = driver.run(
         config, ctx.pipeline.ray,
         name=f"ppo-{ctx.fingerprint}",
         storage=ctx.work / "ray",
         seed=ctx.seed,
-        sft_model=sft_model,
-        reward_dir=reward_dir,
+        policy_model=start,
+        reward_model=reward_model,
+        critic_lora=_critic_lora(config, ctx),
         prompts=list(load_splits(data_dir / "prompts")["train"]["prompt"]),
         gold=gold,
         mlflow_uri=mlflow.get_tracking_uri(),
@@ -43,14 +51,16 @@ def train_ppo(ctx: StageContext) -> StageResult:
 
     shutil.copytree(final / "adapter", ctx.outputs / "adapter")
     shutil.copytree(final / "critic", ctx.outputs / "critic")
-    shutil.copy(final / "history.json", ctx.outputs / "history.json")
-    _merge_policy(sft_model, ctx)
+    for name in ("history.json", "normalisation.json"):
+        shutil.copy(final / name, ctx.outputs / name)
+    _merge_policy(start, ctx)
     history = json.loads((final / "history.json").read_text())
     mlflow.log_artifact(str(final / "history.json"), "ppo")
+    mlflow.log_dict(json.loads((final / "normalisation.json").read_text()), "ppo/normalisation.json")
 
     mlflow.log_figure(plots.ppo_curves(history), "plots/ppo_curves.png")
     prompt = load_splits(data_dir / "prompts")["eval"]["prompt"][0][-1]["content"]
-    model_uri = registry.log_policy(ctx.outputs / "model", prompt, "A sampled review.")
+    model_uri = registry.log_policy(ctx.outputs / "model", prompt, "A sampled response.")
     (ctx.outputs / "mlflow_model.json").write_text(json.dumps({"model_uri": model_uri}))
 
     last = history[-1]
@@ -59,14 +69,29 @@ def train_ppo(ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics, headline="gold" if gold else "score")
 
 
+def starting_policy(ctx: StageContext) -> Path:
+    """The policy PPO starts from: the SFT model, else `stages.ppo.policy` prepared under the home."""
+    if "sft" in ctx.upstream:
+        return ctx.upstream["sft"] / "model"
+    return models.pretrained_dir(ctx.pipeline.stages.ppo.policy, ctx.home, "stages.ppo.policy")
+
+
+def _critic_lora(config: PpoStage, ctx: StageContext) -> Lora | None:
+    """`auto`: a LoRA critic over a pretrained base, a fully trained one over a (small) scratch model."""
+    if config.critic_lora != "auto":
+        return config.critic_lora
+    sft = ctx.pipeline.stages.sft
+    return None if sft is not None and isinstance(sft.model, ScratchModel) else Lora()
+
+
 @task(name="ppo", cache_policy=NONE, persist_result=False)
 def ppo(spec: StageSpec) -> StageRecord:
     return run_stage(spec, train_ppo)
 
 
-def _merge_policy(sft_model, ctx: StageContext) -> None:
+def _merge_policy(start: Path, ctx: StageContext) -> None:
     from peft import PeftModel
 
-    merged = PeftModel.from_pretrained(models.load_causal_lm(sft_model), ctx.outputs / "adapter").merge_and_unload()
+    merged = PeftModel.from_pretrained(models.load_causal_lm(start), ctx.outputs / "adapter").merge_and_unload()
     merged.save_pretrained(ctx.outputs / "model")
-    models.load_tokenizer(sft_model).save_pretrained(ctx.outputs / "model")
+    models.load_tokenizer(start).save_pretrained(ctx.outputs / "model")

@@ -1,23 +1,23 @@
 """Stage 3, the reward model: TRL's RewardTrainer on preference pairs, a scalar head on the SFT backbone.
 
 Pairs come from the data stage (real preference data) or, for a task with a
-gold reward, are sampled from the SFT policy: two responses per prompt,
-ordered by gold, near-ties dropped. Pair accuracy is measured on held-out
-pairs before and after training. The mean and standard deviation of scores
-on policy samples are saved with the model so PPO can normalise rewards.
+gold reward, are sampled from the starting policy (the SFT model, else the
+stage's own model): two responses per prompt, ordered by gold, near-ties
+dropped. Pair accuracy is measured on held-out pairs before and after
+training. The model is saved with the tokenizer it scores with.
 """
 
 from __future__ import annotations
 
-import json
-import statistics
+from pathlib import Path
 
 import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 from trl import RewardConfig, RewardTrainer
 
-from rlhf import generation, models, pairs, synthetic_reviews, training
+from rlhf import generation, models, pairs, training
+from rlhf import gold as rlhf_gold
 from rlhf.config import PolicyPairs, RewardStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits, write_splits
@@ -31,17 +31,15 @@ def train_reward(ctx: StageContext) -> StageResult:
     if config.model is None:
         base = ctx.upstream["sft"] / "model"
     else:
-        texts = (text_of(r["prompt"]) + "\n" + text_of(r["chosen"]) for r in load_splits(data_dir / "preferences")["train"])
-        base = models.provision(config.model, texts, ctx.seed, "stages.reward.model", ctx.work / "base")
-    tokenizer = models.load_tokenizer(base)
+        base = models.provision(config.model, _texts(data_dir), ctx.seed, "stages.reward.model", ctx.work / "base", ctx.home)
 
     pair_dir = ctx.work / "pairs"  # made once per attempt, so a resumed attempt trains on the same pairs
     if not (pair_dir / "eval.parquet").exists():
-        _make_pairs(config, ctx, base, tokenizer)
+        _make_pairs(config, ctx, ctx.upstream["sft"] / "model" if "sft" in ctx.upstream else base)
     data = load_splits(pair_dir)
     held_out = training.eval_subset(data["eval"], config.eval_rows, ctx.seed)
 
-    model = models.load_reward_model(base, tokenizer.pad_token_id)
+    model, tokenizer = models.new_reward_model(base)
     accuracy_before, _ = _pair_accuracy(model, tokenizer, held_out, config.max_length)
     trainer = RewardTrainer(
         model=model,
@@ -56,10 +54,7 @@ def train_reward(ctx: StageContext) -> StageResult:
     trainer.evaluate()
 
     training.save_policy(trainer, tokenizer, ctx.outputs)
-    reward_model = models.load_reward_model(ctx.outputs / "model", tokenizer.pad_token_id)
-    accuracy, scored = _pair_accuracy(reward_model, tokenizer, held_out, config.max_length)
-    normalisation = _normalisation(reward_model, tokenizer, data["train"], config.max_length, ctx.seed)
-    (ctx.outputs / "normalisation.json").write_text(json.dumps(normalisation))
+    accuracy, scored = _pair_accuracy(models.load_reward_model(ctx.outputs / "model"), tokenizer, held_out, config.max_length)
     write_splits({split: list(data[split]) for split in data}, ctx.outputs / "pairs")
 
     metrics = {
@@ -70,11 +65,11 @@ def train_reward(ctx: StageContext) -> StageResult:
         "train_pairs": float(len(data["train"])),
         "eval_pairs": float(len(held_out)),
         "resumed_from_step": float(resumed_from_step),
-        "score_mean": normalisation["mean"],
-        "score_std": normalisation["std"],
+        "train_tokens_per_second": training.tokens_per_second(
+            trainer.state.log_history, resumed_from_step, result.metrics["train_runtime"]
+        ),
     }
     mlflow.log_metrics({f"reward.{k}": v for k, v in metrics.items()})
-    mlflow.log_dict(normalisation, "reward/normalisation.json")
     mlflow.log_table(scored, artifact_file="reward/held_out_pairs.json")
     return StageResult(metrics=metrics, headline="eval_accuracy")
 
@@ -84,7 +79,13 @@ def reward(spec: StageSpec) -> StageRecord:
     return run_stage(spec, train_reward)
 
 
-def _make_pairs(config: RewardStage, ctx: StageContext, base, tokenizer) -> None:
+def _texts(data_dir: Path):
+    """What a scratch tokenizer is trained on: the preference pairs, read only if needed."""
+    for row in load_splits(data_dir / "preferences")["train"]:
+        yield text_of(row["prompt"]) + "\n" + text_of(row["chosen"])
+
+
+def _make_pairs(config: RewardStage, ctx: StageContext, policy_dir: Path) -> None:
     data_dir = ctx.upstream["data"]
     if not isinstance(config.pairs, PolicyPairs):
         if not (data_dir / "preferences").exists():
@@ -92,14 +93,12 @@ def _make_pairs(config: RewardStage, ctx: StageContext, base, tokenizer) -> None
         preferences = load_splits(data_dir / "preferences")
         write_splits({split: list(preferences[split]) for split in preferences}, ctx.work / "pairs")
         return
-    if json.loads((data_dir / "task.json").read_text())["gold_reward"] != "synthetic_reviews":
-        raise InputError("stages.reward.pairs.source: 'policy' needs a task with a gold reward; use 'data'")
     prompts = load_splits(data_dir / "prompts")
-    policy = models.load_causal_lm(base)
+    policy, tokenizer = models.load_causal_lm(policy_dir), models.load_tokenizer(policy_dir)
     made = {}
     for split, count, offset in (("train", config.pairs.count, 0), ("eval", config.pairs.eval_count, 10_000)):
         made[split] = pairs.sample_pairs(
-            policy, tokenizer, list(prompts[split]["prompt"]), count, synthetic_reviews.gold_reward,
+            policy, tokenizer, list(prompts[split]["prompt"]), count, rlhf_gold.of_data(data_dir),
             config.pairs.min_gold_gap, config.pairs.max_new_tokens, config.pairs.temperature, ctx.seed + offset,
         )
     write_splits(made, ctx.work / "pairs")
@@ -118,12 +117,3 @@ def _pair_accuracy(model, tokenizer, held_out, max_length: int) -> tuple[float, 
         "rejected_score": rejected,
     }
     return accuracy, table
-
-
-def _normalisation(model, tokenizer, train_pairs, max_length: int, seed: int) -> dict:
-    """Score mean and std over responses of the pair set (policy samples for sampled pairs)."""
-    subset = train_pairs.shuffle(seed=seed).select(range(min(512, len(train_pairs))))
-    prompts = list(subset["prompt"]) * 2
-    responses = [text_of(c) for c in subset["chosen"]] + [text_of(r) for r in subset["rejected"]]
-    scores = generation.score(model, tokenizer, prompts, responses, max_length)
-    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "count": len(scores)}

@@ -1,6 +1,8 @@
 """Stage 2, instruction SFT: TRL's SFTTrainer on the prepared instruction data, loss on completions.
 
 A scratch model (demo) is trained fully; a pretrained one fully or with LoRA.
+Without instruction data (HH-RLHF has preference pairs only) it trains on
+the prompts and the first assistant turn of the chosen replies.
 Checkpoints land in the work dir; re-entering the stage resumes from the
 newest one in the same MLflow run. Outputs: `model/` (LoRA merged, with the
 tokenizer), `adapter/` when LoRA was used, and the metrics.
@@ -8,14 +10,15 @@ tokenizer), `adapter/` when LoRA was used, and the metrics.
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 from trl import SFTConfig, SFTTrainer
 
-from rlhf import generation, models, synthetic_reviews, training
+from rlhf import generation, models, training
+from rlhf import gold as rlhf_gold
 from rlhf.config import SftStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits
@@ -24,9 +27,9 @@ from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_s
 
 def train_sft(ctx: StageContext) -> StageResult:
     config: SftStage = ctx.config
-    data = load_splits(ctx.upstream["data"] / "instructions")
+    data = _instructions(ctx.upstream["data"])
     texts = (text_of(row["prompt"]) + "\n" + text_of(row["completion"]) for row in data["train"])
-    base = models.provision(config.model, texts, ctx.seed, "stages.sft.model", ctx.work / "base")
+    base = models.provision(config.model, texts, ctx.seed, "stages.sft.model", ctx.work / "base", ctx.home)
     tokenizer = models.load_tokenizer(base)
     model = models.load_causal_lm(base)
 
@@ -68,6 +71,13 @@ def sft(spec: StageSpec) -> StageRecord:
     return run_stage(spec, train_sft)
 
 
+def _instructions(data_dir: Path):
+    if (data_dir / "instructions").exists():
+        return load_splits(data_dir / "instructions")
+    pairs = load_splits(data_dir / "preferences")
+    return pairs.map(lambda pair: {"completion": pair["chosen"][:1]}, remove_columns=["chosen", "rejected"])
+
+
 def _log_samples(config: SftStage, ctx: StageContext, eval_data, tokenizer) -> None:
     """A table of generations on held-out prompts, scored by gold when the task has one."""
     if config.samples == 0:
@@ -76,6 +86,7 @@ def _log_samples(config: SftStage, ctx: StageContext, eval_data, tokenizer) -> N
     policy = models.load_causal_lm(ctx.outputs / "model")
     responses, _ = generation.sample(policy, tokenizer, prompts, config.max_new_tokens, 1.0, ctx.seed)
     table = {"prompt": [text_of(p) for p in prompts], "response": responses}
-    if json.loads((ctx.upstream["data"] / "task.json").read_text())["gold_reward"]:
-        table["gold"] = [synthetic_reviews.gold_reward(text_of(p), r) for p, r in zip(prompts, responses)]
+    gold = rlhf_gold.of_data(ctx.upstream["data"])
+    if gold is not None:
+        table["gold"] = [gold(text_of(p), r) for p, r in zip(prompts, responses)]
     mlflow.log_table(table, artifact_file="samples/sft_generations.json")

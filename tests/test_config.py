@@ -11,7 +11,7 @@ def test_unknown_key_names_dotted_path_and_allowed_keys(project: Path):
         load_pipeline(project / "pipelines.yaml", "tiny", ["stages.data.bogus=1"])
     message = str(err.value)
     assert "pipelines.tiny.stages.data.bogus" in message
-    assert "allowed keys here: eval_fraction, instructions, preferences" in message
+    assert "allowed keys here: eval_fraction, gold_reward, instructions, preferences, prompts" in message
 
 
 def test_unknown_key_inside_a_source_names_the_path_without_the_union_tag(project: Path):

@@ -48,9 +48,9 @@ def test_scratch_model_size_follows_the_config(tokenizer):
 
 def test_provision_saves_once_and_reloads_the_same_model(tokenizer, tmp_path: Path):
     texts = [e["completion"] for e in generate_examples(200, 0.25, seed=0)]
-    base = models.provision(SCRATCH, texts, seed=0, where="stages.sft.model", into=tmp_path / "base")
+    base = models.provision(SCRATCH, texts, seed=0, where="stages.sft.model", into=tmp_path / "base", home=tmp_path)
     first = (base / "model.safetensors").read_bytes()
-    models.provision(SCRATCH, ["other text"], seed=1, where="stages.sft.model", into=base)  # already there: kept
+    models.provision(SCRATCH, ["other text"], seed=1, where="stages.sft.model", into=base, home=tmp_path)  # already there: kept
     assert (base / "model.safetensors").read_bytes() == first
     loaded = models.load_tokenizer(base)
     assert loaded.chat_template == models.CHAT_TEMPLATE and loaded.pad_token == models.PAD
@@ -60,7 +60,7 @@ def test_provision_saves_once_and_reloads_the_same_model(tokenizer, tmp_path: Pa
 def test_a_missing_pretrained_model_is_an_input_error_naming_the_key(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match=r"^stages.sft.model.path: cannot load .*no-such-model"):
-        models.load_pretrained(PretrainedModel(init="pretrained", path=str(tmp_path / "no-such-model")), "stages.sft.model")
+        models.pretrained_dir(PretrainedModel(init="pretrained", path=str(tmp_path / "no-such-model")), tmp_path, "stages.sft.model")
 
 
 def test_sampling_is_seeded_and_scoring_is_per_pair(tokenizer):

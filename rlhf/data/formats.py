@@ -1,6 +1,7 @@
 """Turn raw rows into the conversational shapes TRL trains on, or say what is wrong.
 
 Instruction rows: `prompt`/`completion` (strings or message lists) or `messages`.
+Prompt rows: `prompt` (a string or a message list).
 Preference rows: `prompt`/`chosen`/`rejected`, or `chosen`/`rejected` alone as
 message lists or HH-RLHF text ("\\n\\nHuman: ...\\n\\nAssistant: ..."), whose
 shared turns become the prompt.
@@ -53,6 +54,11 @@ def preference(row: dict) -> dict:
     if pair["chosen"] == pair["rejected"]:
         raise RowProblem("identical", "'chosen' and 'rejected' are identical")
     return pair
+
+
+def prompt_only(row: dict) -> dict:
+    """-> {prompt: messages}: a prompt for PPO and evaluation, with no reply."""
+    return {"prompt": _prompt(_field(row, "prompt"), "prompt")}
 
 
 def text_of(messages: Messages) -> str:

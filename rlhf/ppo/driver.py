@@ -11,16 +11,16 @@ import logging
 import os
 from pathlib import Path
 
-from rlhf.config import PpoStage, RayConfig
+from rlhf.config import Lora, PpoStage, RayConfig
 
 log = logging.getLogger("rlhf")
 
 
 def run(
-    ppo: PpoStage, cluster: RayConfig, *, name: str, storage: Path, seed: int, sft_model: Path,
-    reward_dir: Path, prompts: list, gold: bool, mlflow_uri: str, mlflow_run_id: str,
+    ppo: PpoStage, cluster: RayConfig, *, name: str, storage: Path, seed: int, policy_model: Path, reward_model: Path,
+    critic_lora: Lora | None, prompts: list, gold: str | None, mlflow_uri: str, mlflow_run_id: str,
 ) -> Path:
-    """Train; returns the directory of the final checkpoint (adapter, critic, state, history)."""
+    """Train; returns the directory of the final checkpoint (adapter, critic, normalisation, state, history)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -42,9 +42,9 @@ def run(
             "seed": seed,
             "threads": cluster.cpus_per_worker,
             "use_gpu": cluster.use_gpu,
-            "sft_model": str(sft_model),
-            "reward_model": str(reward_dir / "model"),
-            "normalisation": str(reward_dir / "normalisation.json"),
+            "policy_model": str(policy_model),
+            "reward_model": str(reward_model),
+            "critic_lora": critic_lora.model_dump() if critic_lora else None,
             "prompts": prompts,
             "gold": gold,
             "mlflow_uri": mlflow_uri,

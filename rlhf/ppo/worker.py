@@ -1,11 +1,15 @@
 """The PPO loop that runs on every Ray Train worker.
 
-Each iteration: draw the global prompt batch and take this worker's shard;
-generate; score with the frozen reward model; compute log-probs of the
-policy, of the reference (the same weights with the adapter disabled) and
-values of the critic; turn scores and KL into per-token rewards and GAE
-advantages; then several epochs of clipped PPO updates over shuffled
-minibatches, with gradients all-reduced across workers. Rank 0 logs to
+Before the first iteration, samples of the starting policy under PPO's own
+sampling settings fix the mean and standard deviation that normalise the
+reward model's scores. Each iteration: draw the global prompt batch and take
+this worker's shard; generate; decode each response up to its EOS and score
+the text with the frozen reward model, rendered by its own tokenizer as in
+reward training and evaluation; compute log-probs of the policy, of the
+reference (the same weights with the adapter disabled) and values of the
+critic; turn scores and KL into per-token rewards and GAE advantages; then
+several epochs of clipped PPO updates over shuffled minibatches (gradients
+accumulated over micro-batches, all-reduced across workers). Rank 0 logs to
 MLflow and writes checkpoints; every worker's RNG state goes into them.
 """
 
@@ -24,8 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rlhf import models, synthetic_reviews
-from rlhf.config import PpoStage
+from rlhf import generation, gold, models
+from rlhf.config import Lora, PpoStage
 from rlhf.data.formats import text_of
 from rlhf.generation import render
 from rlhf.ppo import algorithm as A
@@ -80,14 +84,25 @@ def train_loop(config: dict) -> None:
     seed_everything(config["seed"])  # the same LoRA initialisation on every worker, as data parallelism needs
     device = torch.device("cuda" if config["use_gpu"] else "cpu")
 
-    tokenizer = models.load_tokenizer(Path(config["sft_model"]), padding_side="left")
-    policy = _policy(config["sft_model"], ppo, device)
-    critic = _critic(config["reward_model"], ppo, tokenizer.pad_token_id, device)
-    reward_model = models.load_reward_model(Path(config["reward_model"]), tokenizer.pad_token_id).to(device).eval()
+    policy_dir, reward_dir = Path(config["policy_model"]), Path(config["reward_model"])
+    tokenizer = models.load_tokenizer(policy_dir, padding_side="left")
+    reward_tokenizer = models.load_tokenizer(reward_dir, padding_side="left")
+    policy = _policy(policy_dir, ppo, device)
+    critic = _critic(reward_dir, policy_dir, tokenizer, reward_tokenizer, config["critic_lora"], ppo, device)
+    reward_model = models.load_reward_model(reward_dir).to(device).eval()
     reward_model.requires_grad_(False)
-    normalisation = json.loads(Path(config["normalisation"]).read_text())
     prompts = config["prompts"]
-    gold = synthetic_reviews.gold_reward if config["gold"] else None
+    gold_reward = gold.named(config["gold"])
+    sampling = generation.sampling_config(tokenizer, ppo.max_new_tokens, ppo.temperature)
+
+    def precision():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=ppo.precision == "bf16")
+
+    def scores_of(batch_prompts, texts) -> torch.Tensor:
+        with precision():
+            raw = generation.score(reward_model, reward_tokenizer, batch_prompts, texts, max_length=None)
+        return torch.tensor(raw, device=device)
+
     seed_everything(config["seed"] * 1000 + rank)  # but each worker samples its own rollouts
 
     steps = ppo.iterations * ppo.epochs * ppo.minibatches
@@ -115,12 +130,19 @@ def train_loop(config: dict) -> None:
             optimisers[name].load_state_dict(state["optimisers"][name])
             schedulers[name].load_state_dict(state["schedulers"][name])
         kl_control.load_state_dict(state["kl"])
+        normalisation = state["normalisation"]
         sampler.position = state["sampler_position"]
         history, start = state["history"], state["iteration"]
         restored_from = start
         _set_rng(state["rng"][rank])
         if rank == 0:
             print(f"ppo: resuming at iteration {start} from {checkpoint.path}", flush=True)
+
+    else:
+        normalisation = _normalisation(policy, tokenizer, prompts, scores_of, sampling, precision, ppo, config["seed"], rank, world)
+        if rank == 0:
+            print(f"ppo: starting policy's scores: mean {normalisation['mean']:+.3f}, std {normalisation['std']:.3f} "
+                  f"over {normalisation['count']} samples", flush=True)
 
     logger = _MlflowLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
     for iteration in range(start, ppo.iterations):
@@ -129,11 +151,15 @@ def train_loop(config: dict) -> None:
         timings = {}
 
         clock = time.monotonic()
-        query, query_mask, response = _generate(policy, tokenizer, batch_prompts, ppo, device)
+        with precision():
+            query, query_mask, response, mask, ended = _generate(policy, tokenizer, batch_prompts, sampling, ppo, device)
+        texts, _ = generation.decode(tokenizer, response)
         timings["seconds_generate"] = time.monotonic() - clock
 
         clock = time.monotonic()
-        rollout = _score(policy, critic, reward_model, tokenizer, query, query_mask, response, ppo)
+        with precision():
+            rollout = _score(policy, critic, query, query_mask, response, mask, ended, ppo)
+        rollout.scores = scores_of(batch_prompts, texts)
         scores = A.normalise_scores(rollout.scores, normalisation["mean"], normalisation["std"], ppo.reward_clip)
         scores = A.apply_missing_eos_penalty(scores, rollout.ended, ppo.missing_eos_penalty)
         kl = A.kl_estimate(rollout.logp, rollout.ref_logp, ppo.kl.estimator) * rollout.mask
@@ -143,10 +169,9 @@ def train_loop(config: dict) -> None:
         timings["seconds_score"] = time.monotonic() - clock
 
         clock = time.monotonic()
-        train_stats = _update(policy, critic, optimisers, schedulers, policy_params, critic_params, rollout, ppo, world)
+        train_stats = _update(policy, critic, optimisers, schedulers, policy_params, critic_params, rollout, ppo, precision, world)
         timings["seconds_train"] = time.monotonic() - clock
 
-        texts = tokenizer.batch_decode(response * rollout.mask.long(), skip_special_tokens=True)
         local = {
             "score": rollout.scores.mean(),
             "score_normalised": scores.mean(),
@@ -159,8 +184,8 @@ def train_loop(config: dict) -> None:
             **train_stats,
             **{k: torch.tensor(v) for k, v in timings.items()},
         }
-        if gold is not None:
-            local["gold"] = torch.tensor([gold(text_of(p), t) for p, t in zip(batch_prompts, texts)]).mean()
+        if gold_reward is not None:
+            local["gold"] = torch.tensor([gold_reward(text_of(p), t) for p, t in zip(batch_prompts, texts)]).mean()
         metrics = _all_reduce_mean(local, world)
         metrics |= {
             "beta": kl_control.beta,
@@ -194,6 +219,7 @@ def train_loop(config: dict) -> None:
                 "optimisers": {name: opt.state_dict() for name, opt in optimisers.items()},
                 "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
                 "kl": kl_control.state_dict(),
+                "normalisation": normalisation,
                 "sampler_position": sampler.position,
                 "rng": rng_states,
                 "history": history,
@@ -204,27 +230,42 @@ def train_loop(config: dict) -> None:
 # ---------------------------------------------------------------- models
 
 
-def _policy(sft_model: str, ppo: PpoStage, device):
+def _policy(policy_dir: Path, ppo: PpoStage, device):
     from peft import get_peft_model
 
-    base = models.load_causal_lm(Path(sft_model))
-    return get_peft_model(base, lora_config(ppo.lora, "CAUSAL_LM")).to(device)
+    policy = get_peft_model(models.load_causal_lm(policy_dir), lora_config(ppo.lora, "CAUSAL_LM")).to(device)
+    if ppo.gradient_checkpointing:
+        policy.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy
 
 
-def _critic(reward_model: str, ppo: PpoStage, pad_token_id: int, device):
-    """A trainable copy of the reward model; its score head, applied at every position, gives values."""
-    critic = models.load_reward_model(Path(reward_model), pad_token_id)
-    if ppo.critic_lora is not None:
+def _critic(reward_dir: Path, policy_dir: Path, tokenizer, reward_tokenizer, lora: dict | None, ppo: PpoStage, device):
+    """A trainable copy of the reward model; its score head, applied at every position, gives values.
+
+    The critic reads the policy's tokens, so it starts from the reward model
+    only when every policy token means the same to it; otherwise from the
+    policy's own weights with a new value head.
+    """
+    reward_vocab = reward_tokenizer.get_vocab()
+    if all(reward_vocab.get(token) == index for token, index in tokenizer.get_vocab().items()):
+        critic = models.load_reward_model(reward_dir)
+    else:
+        print("ppo: the reward model's tokenizer differs from the policy's: the critic starts from the policy", flush=True)
+        critic = models.load_reward_model(policy_dir)
+    if lora is not None:
         from peft import get_peft_model
 
-        critic = get_peft_model(critic, lora_config(ppo.critic_lora, "SEQ_CLS", modules_to_save=["score"]))
+        critic = get_peft_model(critic, lora_config(Lora.model_validate(lora), "SEQ_CLS", modules_to_save=["score"]))
+    if ppo.gradient_checkpointing:
+        backbone = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return critic.to(device)
 
 
 def _values(critic, input_ids, attention_mask, position_ids) -> torch.Tensor:
     base = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
     hidden = getattr(base, base.base_model_prefix)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     return base.score(hidden).squeeze(-1).float()
 
@@ -238,26 +279,39 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _generate(policy, tokenizer, prompts, ppo: PpoStage, device):
+def _generate(policy, tokenizer, prompts, sampling, ppo: PpoStage, device):
+    """Prompt ids and mask, response ids at a fixed width, the response mask (through EOS), and whether each ended."""
     policy.eval()
     texts = [render(tokenizer, p) for p in prompts]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    out = policy.generate(
-        **batch,
-        do_sample=True,
-        temperature=ppo.temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=ppo.max_new_tokens,
-        min_new_tokens=1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    response = out[:, batch["input_ids"].shape[1] :]
-    if response.shape[1] < ppo.max_new_tokens:  # fixed width keeps shapes equal across workers
-        pad = torch.full((response.shape[0], ppo.max_new_tokens - response.shape[1]), tokenizer.pad_token_id, device=device)
-        response = torch.cat([response, pad], dim=1)
-    return batch["input_ids"], batch["attention_mask"], response
+    response = generation.generate(policy, batch, sampling)
+    mask, ended = A.response_mask(response, tokenizer.eos_token_id)
+    width = ppo.max_new_tokens - response.shape[1]  # fixed width keeps shapes equal across workers
+    response = torch.nn.functional.pad(response, (0, width), value=tokenizer.pad_token_id)
+    mask = torch.nn.functional.pad(mask, (0, width), value=0.0)
+    return batch["input_ids"], batch["attention_mask"], response, mask, ended
+
+
+@torch.no_grad()
+def _normalisation(policy, tokenizer, prompts, scores_of, sampling, precision, ppo: PpoStage, seed: int, rank: int, world: int) -> dict:
+    """Mean and std of the reward model's scores on the starting policy's samples, over all workers.
+
+    The LoRA adapter starts at zero, so the policy is still the starting policy here.
+    """
+    drawn = np.random.default_rng([seed, 7]).choice(len(prompts), ppo.normalisation_samples).tolist()[rank::world]
+    totals = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, len(drawn), ppo.batch_size):
+        batch_prompts = [prompts[i] for i in drawn[start : start + ppo.batch_size]]
+        with precision():
+            response = _generate(policy, tokenizer, batch_prompts, sampling, ppo, policy.device)[2]
+        scores = scores_of(batch_prompts, generation.decode(tokenizer, response)[0]).double().cpu()
+        totals += torch.stack([torch.tensor(float(len(scores)), dtype=torch.float64), scores.sum(), (scores**2).sum()])
+    if world > 1:
+        dist.all_reduce(totals)
+    count, total, squares = totals.tolist()
+    mean = total / count
+    std = max(squares / count - mean**2, 0.0) ** 0.5
+    return {"mean": mean, "std": std or 1.0, "count": int(count)}
 
 
 def _sequence(query, query_mask, response, mask):
@@ -268,73 +322,88 @@ def _sequence(query, query_mask, response, mask):
 
 def _response_logits(model, query, query_mask, response, mask):
     input_ids, attention_mask, positions = _sequence(query, query_mask, response, mask)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
     return logits[:, query.shape[1] - 1 : -1]
 
 
 @torch.no_grad()
-def _score(policy, critic, reward_model, tokenizer, query, query_mask, response, ppo: PpoStage) -> Rollout:
+def _score(policy, critic, query, query_mask, response, mask, ended, ppo: PpoStage) -> Rollout:
+    """Log-probs of policy and reference and the critic's values; the scores are filled in from the text."""
     policy.eval()
     critic.eval()
-    mask, ended = A.response_mask(response, tokenizer.eos_token_id)
-    response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     input_ids, attention_mask, positions = _sequence(query, query_mask, response, mask)
-    scores = reward_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits[:, 0].float()
     logp = A.token_logprobs(_response_logits(policy, query, query_mask, response, mask), response, ppo.temperature)
     with policy.disable_adapter():
         ref_logp = A.token_logprobs(_response_logits(policy, query, query_mask, response, mask), response, ppo.temperature)
     values = _values(critic, input_ids, attention_mask, positions)[:, query.shape[1] - 1 : -1]
-    return Rollout(query, query_mask, response, mask, ended, scores, logp * mask, ref_logp * mask, values * mask)
+    return Rollout(query, query_mask, response, mask, ended, None, logp * mask, ref_logp * mask, values * mask)
 
 
 # ---------------------------------------------------------------- update
 
 
-def _update(policy, critic, optimisers, schedulers, policy_params, critic_params, rollout: Rollout, ppo: PpoStage, world: int) -> dict:
+def _update(
+    policy, critic, optimisers, schedulers, policy_params, critic_params, rollout: Rollout, ppo: PpoStage, precision, world: int
+) -> dict:
+    """`epochs` passes of clipped PPO over shuffled minibatches; one optimiser step per minibatch.
+
+    A minibatch is processed in micro-batches whose losses are weighted by
+    their share of its response tokens, so the accumulated gradient equals
+    the whole minibatch's.
+    """
     policy.train()
     critic.train()
     size = rollout.query.shape[0]
     per_minibatch = max(1, size // ppo.minibatches)
+    per_micro = ppo.micro_batch_size or per_minibatch
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for _ in range(ppo.epochs):
         order = torch.randperm(size)
         for start in range(0, per_minibatch * ppo.minibatches, per_minibatch):
-            idx = order[start : start + per_minibatch]
-            query, query_mask, response, mask = rollout.query[idx], rollout.query_mask[idx], rollout.response[idx], rollout.mask[idx]
-
-            logits = _response_logits(policy, query, query_mask, response, mask)
-            logp = A.token_logprobs(logits, response, ppo.temperature)
-            pg = A.policy_loss(logp, rollout.logp[idx], rollout.advantages[idx], mask, ppo.clip_ratio)
+            minibatch = order[start : start + per_minibatch]
+            tokens = rollout.mask[minibatch].sum().clamp(min=1)
             optimisers["policy"].zero_grad(set_to_none=False)
-            pg.loss.backward()
+            optimisers["critic"].zero_grad(set_to_none=False)
+            step: dict[str, torch.Tensor] = {}
+            for micro in minibatch.split(per_micro):
+                query, query_mask, response, mask = (
+                    rollout.query[micro], rollout.query_mask[micro], rollout.response[micro], rollout.mask[micro]
+                )
+                weight = mask.sum() / tokens
+                with precision():
+                    logits = _response_logits(policy, query, query_mask, response, mask)
+                logp = A.token_logprobs(logits, response, ppo.temperature)
+                pg = A.policy_loss(logp, rollout.logp[micro], rollout.advantages[micro], mask, ppo.clip_ratio)
+                (pg.loss * weight).backward()
+
+                input_ids, attention_mask, positions = _sequence(query, query_mask, response, mask)
+                with precision():
+                    values = _values(critic, input_ids, attention_mask, positions)[:, query.shape[1] - 1 : -1]
+                vf_loss, vf_clip = A.value_loss(values, rollout.values[micro], rollout.returns[micro], mask, ppo.clip_value)
+                (vf_loss * weight).backward()
+
+                with torch.no_grad():
+                    for key, value in (
+                        ("policy_loss", pg.loss),
+                        ("policy_clip_fraction", pg.clip_fraction),
+                        ("approx_kl", pg.approx_kl),
+                        ("ratio_mean", pg.ratio_mean),
+                        ("ratio_var", pg.ratio_var),
+                        ("value_loss", vf_loss),
+                        ("value_clip_fraction", vf_clip),
+                        ("entropy", A.masked_mean(A.entropy(logits, ppo.temperature), mask)),
+                    ):
+                        step[key] = step.get(key, 0.0) + weight * value.detach().float()
+
             _all_reduce_grads(policy_params, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, ppo.max_grad_norm)
+            step["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(policy_params, ppo.max_grad_norm)
             optimisers["policy"].step()
             schedulers["policy"].step()
-
-            input_ids, attention_mask, positions = _sequence(query, query_mask, response, mask)
-            values = _values(critic, input_ids, attention_mask, positions)[:, query.shape[1] - 1 : -1]
-            vf_loss, vf_clip = A.value_loss(values, rollout.values[idx], rollout.returns[idx], mask, ppo.clip_value)
-            optimisers["critic"].zero_grad(set_to_none=False)
-            vf_loss.backward()
             _all_reduce_grads(critic_params, world)
             torch.nn.utils.clip_grad_norm_(critic_params, ppo.max_grad_norm)
             optimisers["critic"].step()
             schedulers["critic"].step()
-
-            with torch.no_grad():
-                step = {
-                    "policy_loss": pg.loss,
-                    "policy_clip_fraction": pg.clip_fraction,
-                    "approx_kl": pg.approx_kl,
-                    "ratio_mean": pg.ratio_mean,
-                    "ratio_var": pg.ratio_var,
-                    "value_loss": vf_loss,
-                    "value_clip_fraction": vf_clip,
-                    "entropy": A.masked_mean(A.entropy(logits, ppo.temperature), mask),
-                    "policy_grad_norm": grad_norm,
-                }
             for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
             count += 1
@@ -401,6 +470,7 @@ def _report(metrics: dict, state: dict, policy, critic, tokenizer, rank: int, la
             critic_model.save_pretrained(Path(directory) / "critic")
             tokenizer.save_pretrained(Path(directory) / "critic")
             (Path(directory) / "history.json").write_text(json.dumps(state["history"]))
+            (Path(directory) / "normalisation.json").write_text(json.dumps(state["normalisation"]))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
 
