@@ -40,9 +40,8 @@ def make_models(size: ScratchModel, root: Path) -> tuple[Path, Path, list]:
     policy.save_pretrained(sft)
     tokenizer.save_pretrained(sft)
     reward = root / "reward"
-    models.load_reward_model(sft, tokenizer.pad_token_id).save_pretrained(reward / "model")
-    tokenizer.save_pretrained(reward / "model")
-    (reward / "normalisation.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+    for part in models.new_reward_model(sft):
+        part.save_pretrained(reward)
     prompts = [[{"role": "user", "content": e["prompt"]}] for e in examples[:256]]
     return sft, reward, prompts
 
@@ -64,8 +63,9 @@ def main() -> None:
                 run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("Default").experiment_id)
                 final = driver.run(
                     ppo, RayConfig(num_workers=workers, cpus_per_worker=1, use_gpu=args.gpu),
-                    name=f"bench-{parameters}-{workers}", storage=root / "ray", seed=0, sft_model=sft,
-                    reward_dir=reward, prompts=prompts, gold=True, mlflow_uri=mlflow.get_tracking_uri(),
+                    name=f"bench-{parameters}-{workers}", storage=root / "ray", seed=0, policy_model=sft,
+                    reward_model=reward, critic_lora=None, prompts=prompts, gold="synthetic_reviews",
+                    mlflow_uri=mlflow.get_tracking_uri(),
                     mlflow_run_id=run.info.run_id,
                 )
                 steps = json.loads((final / "history.json").read_text())[1:]  # the first iteration warms up

@@ -49,7 +49,8 @@ CHAT_TEMPLATE = (
 PLAIN_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ message['role'] | capitalize }}: {{ message['content'] }}"
-    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}\n"
+    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}"
+    "{{ '\\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
 )

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-HH_FILE = SHARED_DATA / "hh-rlhf-test-1000.jsonl"
+HH_FILE = ROOT / "data" / "hh-rlhf-test-1000.jsonl"
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -86,7 +85,7 @@ pipelines:
         max_new_tokens: 12
         registry: {min_win_rate: 0.0, max_kl: 1000}
   hh-tiny:
-    description: the real-data path on the shared HH-RLHF sample, tiny model, few steps
+    description: the real-data path on the shipped HH-RLHF sample, tiny model, few steps
     tracking:
       experiment: tests-hh
     seed: 0

@@ -85,3 +85,40 @@ def test_serve_without_a_prefect_server_or_schedule_exits_2(cli):
     assert no_server.returncode == 2 and "schedules need a Prefect server" in no_server.stderr
     no_schedule = cli("serve", "tiny", timeout=120)
     assert no_schedule.returncode == 2 and "pipelines.tiny has no 'schedule:'" in no_schedule.stderr
+
+
+def test_the_shipped_pipelines_validate_and_read_only_files_inside_the_repository():
+    from rlhf.config import FileSource, load_file
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = load_file(root / "pipelines.yaml")
+    for name, pipeline in shipped.pipelines.items():
+        data = pipeline.stages.data
+        for source in (data.instructions, data.preferences, data.prompts):
+            if isinstance(source, FileSource):
+                assert source.path.is_file() and source.path.is_relative_to(root), (name, source.path)
+
+
+def test_trainer_args_reach_any_trl_key_and_are_checked_by_trl(project: Path):
+    _, pipeline = load_pipeline(
+        project / "pipelines.yaml", "tiny-rlhf", ["stages.sft.trainer_args.max_grad_norm=0.5", "stages.reward.trainer_args.center_rewards_coefficient=0.01"]
+    )
+    assert pipeline.stages.sft.trainer_args == {"max_grad_norm": 0.5}
+    with pytest.raises(InputError, match=r"'pipelines.tiny-rlhf.stages.sft.trainer_args': .*'no_such_arg' is not an argument of trl.SFTConfig"):
+        load_pipeline(project / "pipelines.yaml", "tiny-rlhf", ["stages.sft.trainer_args.no_such_arg=1"])
+    with pytest.raises(InputError, match=r"'learning_rate' is set by this stage's own keys"):
+        load_pipeline(project / "pipelines.yaml", "tiny-rlhf", ["stages.reward.trainer_args.learning_rate=1"])
+    with pytest.raises(InputError, match=r"trl.SFTConfig refuses them"):
+        load_pipeline(project / "pipelines.yaml", "tiny-rlhf", ["stages.sft.trainer_args.optim=bogus"])
+
+
+def test_ppo_without_sft_or_reward_stages_names_what_it_needs(project: Path):
+    with pytest.raises(InputError, match=r"stages.ppo.policy is required when the pipeline has no sft stage"):
+        load_pipeline(project / "pipelines.yaml", "tiny", ["stages.ppo.iterations=2"])
+    with pytest.raises(InputError, match=r"stages.ppo.policy: the sft stage provides it"):
+        load_pipeline(project / "pipelines.yaml", "tiny-ppo", ["stages.ppo.policy.init=pretrained", "stages.ppo.policy.path=x"])
+    with pytest.raises(InputError, match=r"stages.ppo.reward_model is required when the pipeline has no reward stage"):
+        load_pipeline(
+            project / "pipelines.yaml", "tiny",
+            ["stages.ppo.iterations=2", "stages.ppo.policy.init=pretrained", "stages.ppo.policy.path=x"],
+        )

@@ -76,7 +76,6 @@ def test_invalid_preferences(row, reason):
     assert problem.value.reason == reason
 
 
-@pytest.mark.skipif(not HH_FILE.exists(), reason=f"{HH_FILE} is absent (shared HH-RLHF sample)")
 def test_hh_rlhf_file_converts_and_rebuilds_the_original_texts():
     """Every pair splits into a shared prompt and replies that rebuild the original dialogues.
 

@@ -114,7 +114,6 @@ def test_reward_killed_after_a_checkpoint_resumes(cli):
     assert resumed["metrics"]["resumed_from_step"] >= 4 and resumed["metrics"]["train_steps"] == 60
 
 
-@pytest.mark.skipif(not HH_FILE.exists(), reason=f"{HH_FILE} is absent (shared HH-RLHF sample)")
 def test_reward_model_on_real_hh_rlhf_dialogues(cli):
     done = cli("run", "hh-tiny")
     assert done.returncode == 0, done.stderr[-3000:]

