@@ -120,6 +120,13 @@ def tokens_per_second(log_history: list[dict], resumed_from_step: int, runtime: 
     return (counts[-1][1] - before) / runtime
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (the stage's, when it runs first or alone)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def save_policy(trainer, tokenizer, outputs: Path) -> None:
     """The trained model with its tokenizer; a LoRA adapter is kept and also merged into the base."""
     model = trainer.model

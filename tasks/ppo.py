@@ -66,6 +66,9 @@ def train_ppo(ctx: StageContext) -> StageResult:
     last = history[-1]
     metrics = {key: last[key] for key in ("score", "kl", "beta", "response_length", "eos_share", "gold") if key in last}
     metrics["iterations"] = float(last["iteration"])
+    metrics["peak_rss_mb"] = max(h["peak_rss_mb"] for h in history)  # per worker
+    seconds = sum(h["seconds_generate"] + h["seconds_score"] + h["seconds_train"] for h in history)
+    metrics["response_tokens_per_second"] = sum(h["response_length"] for h in history) * config.batch_size / seconds
     return StageResult(metrics=metrics, headline="gold" if gold else "score")
 
 

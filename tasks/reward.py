@@ -65,6 +65,7 @@ def train_reward(ctx: StageContext) -> StageResult:
         "train_pairs": float(len(data["train"])),
         "eval_pairs": float(len(held_out)),
         "resumed_from_step": float(resumed_from_step),
+        "peak_rss_mb": training.peak_rss_mb(),
         "train_tokens_per_second": training.tokens_per_second(
             trainer.state.log_history, resumed_from_step, result.metrics["train_runtime"]
         ),

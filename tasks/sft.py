@@ -59,6 +59,7 @@ def train_sft(ctx: StageContext) -> StageResult:
             trainer.state.log_history, resumed_from_step, result.metrics["train_runtime"]
         ),
         "resumed_from_step": float(resumed_from_step),
+        "peak_rss_mb": training.peak_rss_mb(),
         "parameters": float(model.num_parameters()),
     }
     mlflow.log_metrics({f"sft.{k}": v for k, v in metrics.items()})
