@@ -224,6 +224,7 @@ class PpoStage(Strict):
     )
     iterations: int = Field(80, ge=1)
     batch_size: int = Field(32, ge=1, description="prompts per iteration, over all workers")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="prompts longer than this, rendered, are left out")
     max_new_tokens: int = Field(40, ge=1)
     temperature: float = Field(1.0, gt=0)
     epochs: int = Field(4, ge=1, description="PPO epochs over each rollout batch")

@@ -14,6 +14,7 @@ policy), `history.json`.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -25,8 +26,12 @@ from rlhf import gold as rlhf_gold
 from rlhf import models, plots, registry
 from rlhf.config import Lora, PpoStage, ScratchModel
 from rlhf.data.prepare import load_splits
+from rlhf.errors import InputError
+from rlhf.generation import render
 from rlhf.ppo import driver
 from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
+
+log = logging.getLogger("rlhf")
 
 
 def train_ppo(ctx: StageContext) -> StageResult:
@@ -43,7 +48,7 @@ def train_ppo(ctx: StageContext) -> StageResult:
         policy_model=start,
         reward_model=reward_model,
         critic_lora=_critic_lora(config, ctx),
-        prompts=list(load_splits(data_dir / "prompts")["train"]["prompt"]),
+        prompts=_fitting(list(load_splits(data_dir / "prompts")["train"]["prompt"]), start, config.max_prompt_tokens),
         gold=gold,
         mlflow_uri=mlflow.get_tracking_uri(),
         mlflow_run_id=ctx.run_id,
@@ -77,6 +82,17 @@ def starting_policy(ctx: StageContext) -> Path:
     if "sft" in ctx.upstream:
         return ctx.upstream["sft"] / "model"
     return models.pretrained_dir(ctx.pipeline.stages.ppo.policy, ctx.home, "stages.ppo.policy")
+
+
+def _fitting(prompts: list, policy_dir: Path, max_tokens: int | None) -> list:
+    if max_tokens is None:
+        return prompts
+    tokenizer = models.load_tokenizer(policy_dir)
+    kept = [p for p in prompts if len(tokenizer(render(tokenizer, p), add_special_tokens=False).input_ids) <= max_tokens]
+    log.info("ppo: %d of %d prompts fit in max_prompt_tokens=%d", len(kept), len(prompts), max_tokens)
+    if not kept:
+        raise InputError(f"stages.ppo.max_prompt_tokens: no prompt is {max_tokens} tokens or shorter")
+    return kept
 
 
 def _critic_lora(config: PpoStage, ctx: StageContext) -> Lora | None:
