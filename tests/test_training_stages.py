@@ -32,8 +32,9 @@ def test_sft_and_reward_run_reuse_and_rerun_what_changed(cli):
     assert reward["metrics"]["eval_pairs"] == 24 and 0 <= reward["metrics"]["eval_accuracy"] <= 1
     assert reward["inputs"]["sft"] == sft["outputs"]["digest"]
     outputs = Path(reward["outputs"]["path"])
-    assert json.loads((outputs / "normalisation.json").read_text())["std"] > 0
-    assert models.load_reward_model(outputs / "model", 0).config.num_labels == 1
+    reward_model = models.load_reward_model(outputs / "model")
+    assert reward_model.config.num_labels == 1
+    assert reward_model.config.pad_token_id == models.load_tokenizer(outputs / "model").pad_token_id
     assert models.load_tokenizer(Path(sft["outputs"]["path"]) / "model").chat_template == models.CHAT_TEMPLATE
 
     mlflow.set_tracking_uri(f"sqlite:///{cli.home}/mlflow.db")
