@@ -25,7 +25,7 @@ from rlhf.config import EvaluateStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits
 from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
-from tasks.ppo import starting_policy
+from tasks.ppo import reward_model_dir, starting_policy
 
 
 def evaluate_policies(ctx: StageContext) -> StageResult:
@@ -38,7 +38,7 @@ def evaluate_policies(ctx: StageContext) -> StageResult:
     start = starting_policy(ctx)
     base = "sft" if "sft" in ctx.upstream else "start"
     tokenizer = models.load_tokenizer(start)
-    reward_dir = ctx.upstream["reward"] / "model" if "reward" in ctx.upstream else ctx.pipeline.stages.ppo.reward_model
+    reward_dir = reward_model_dir(ctx)
     reward_model, reward_tokenizer = models.load_reward_model(reward_dir), models.load_tokenizer(reward_dir)
     normalisation = json.loads((ppo_dir / "normalisation.json").read_text())
 

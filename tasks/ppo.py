@@ -37,7 +37,7 @@ log = logging.getLogger("rlhf")
 def train_ppo(ctx: StageContext) -> StageResult:
     config: PpoStage = ctx.config
     data_dir, start = ctx.upstream["data"], starting_policy(ctx)
-    reward_model = ctx.upstream["reward"] / "model" if "reward" in ctx.upstream else config.reward_model
+    reward_model = reward_model_dir(ctx)
     gold = rlhf_gold.task_gold_name(data_dir)
 
     final = driver.run(
@@ -82,6 +82,13 @@ def starting_policy(ctx: StageContext) -> Path:
     if "sft" in ctx.upstream:
         return ctx.upstream["sft"] / "model"
     return models.pretrained_dir(ctx.pipeline.stages.ppo.policy, ctx.home, "stages.ppo.policy")
+
+
+def reward_model_dir(ctx: StageContext) -> Path:
+    """The reward model PPO optimises: the reward stage's, else `stages.ppo.reward_model`."""
+    if "reward" in ctx.upstream:
+        return ctx.upstream["reward"] / "model"
+    return ctx.pipeline.stages.ppo.reward_model
 
 
 def _fitting(prompts: list, policy_dir: Path, max_tokens: int | None) -> list:

@@ -29,28 +29,15 @@ pipelines:
         eval_fraction: 0.1
       sft:
         model: {SMOLLM2}
-        lora: {{r: 4, alpha: 8}}
+        <<: &train {{lora: {{r: 4, alpha: 8}}, batch_size: 2, max_steps: 2, max_length: 64, eval_steps: 2, eval_rows: 4,
+                     save_steps: 2, logging_steps: 1}}
         learning_rate: 0.0002
-        batch_size: 2
-        max_steps: 2
-        max_length: 64
-        eval_steps: 2
-        eval_rows: 4
-        save_steps: 2
-        logging_steps: 1
         samples: 2
         max_new_tokens: 8
       reward:
+        <<: *train
         pairs: {{source: data}}
-        lora: {{r: 4, alpha: 8}}
         learning_rate: 0.0005
-        batch_size: 2
-        max_steps: 2
-        max_length: 64
-        eval_steps: 2
-        eval_rows: 4
-        save_steps: 2
-        logging_steps: 1
       ppo: &ppo
         iterations: 2
         batch_size: 2
@@ -77,15 +64,9 @@ pipelines:
         eval_fraction: 0.25
       reward:
         model: {SMOLLM2}
+        <<: *train
         pairs: {{source: policy, count: 4, eval_count: 2, min_gold_gap: 0.0, max_new_tokens: 8, temperature: 1.0}}
-        lora: {{r: 4, alpha: 8}}
         learning_rate: 0.0005
-        batch_size: 2
-        max_steps: 2
-        max_length: 64
-        eval_steps: 2
-        save_steps: 2
-        logging_steps: 1
       ppo:
         <<: *ppo
         policy: {SMOLLM2}
