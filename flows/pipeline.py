@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from rlhf import cluster
 from rlhf import home as rlhf_home
 from rlhf import report, tracking
 from rlhf.config import load_pipeline
@@ -52,6 +53,8 @@ def pipeline_flow(
     rlhf_home.prepare_stages(home_dir)  # a run started by a Prefect worker did not come through the CLI
     name, config = load_pipeline(config_path, pipeline, overrides or [])
     actions = plan(config.stages.present(), from_stage, only)
+    if any(action != "require" and config.runs_on_ray(stage) for stage, action in actions.items()):
+        cluster.check_capacity(config.ray)  # before any stage: not after hours of SFT
 
     tracking.configure(home_dir)
     experiment = tracking.experiment_id(config.tracking.experiment, home_dir)

@@ -228,7 +228,7 @@ class PpoStage(Strict):
     max_new_tokens: int = Field(40, ge=1)
     temperature: float = Field(1.0, gt=0)
     epochs: int = Field(4, ge=1, description="PPO epochs over each rollout batch")
-    minibatches: int = Field(4, ge=1, description="minibatches per epoch on each worker")
+    minibatches: int = Field(4, ge=1, description="optimiser steps per epoch; each minibatch spans all workers")
     learning_rate: float = Field(1e-3, gt=0, description="policy (LoRA) learning rate")
     critic_learning_rate: float = Field(1e-3, gt=0)
     lora: Lora = Lora()
@@ -255,12 +255,6 @@ class PpoStage(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     samples_every: int = Field(20, ge=1, description="iterations between sample tables in MLflow")
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
-
-    @model_validator(mode="after")
-    def _divisible(self) -> PpoStage:
-        if self.batch_size % self.minibatches:
-            raise ValueError("batch_size must be a multiple of minibatches")
-        return self
 
 
 class HackingCheck(Strict):
@@ -294,6 +288,13 @@ class RayConfig(Strict):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: int = Field(1, ge=1, description="also the torch threads of each worker")
     use_gpu: bool = False
+    wait_seconds: int = Field(
+        600, ge=0, description="how long an existing (or autoscaling) cluster may take to have room for the workers"
+    )
+
+    def trains_on_ray(self) -> bool:
+        """Whether the TRL stages (SFT, reward) run as Ray Train jobs too; PPO always does."""
+        return self.num_workers > 1 or self.use_gpu
 
 
 # -------------------------------------------------------------------- pipelines
@@ -375,6 +376,27 @@ class Pipeline(Strict):
     schedule: Schedule | None = None
     ray: RayConfig = RayConfig()
     stages: Stages
+
+    @model_validator(mode="after")
+    def _equal_shards(self) -> Pipeline:
+        ppo, workers = self.stages.ppo, self.ray.num_workers
+        for name in ("sft", "reward"):
+            stage = getattr(self.stages, name)
+            if stage is not None and stage.batch_size % workers:
+                raise ValueError(
+                    f"stages.{name}.batch_size ({stage.batch_size}) must be a multiple of ray.num_workers ({workers}): "
+                    "it is the batch of one step, split equally over the workers"
+                )
+        if ppo is not None and ppo.batch_size % (workers * ppo.minibatches):
+            raise ValueError(
+                f"stages.ppo.batch_size ({ppo.batch_size}) must be a multiple of ray.num_workers x stages.ppo.minibatches "
+                f"({workers} x {ppo.minibatches}): every worker takes an equal shard of each batch and splits it into "
+                "equal minibatches"
+            )
+        return self
+
+    def runs_on_ray(self, stage: str) -> bool:
+        return stage == "ppo" or (stage in ("sft", "reward") and self.ray.trains_on_ray())
 
     def fingerprint(self) -> str:
         """Hash of the whole resolved pipeline config, tagged on its MLflow runs."""

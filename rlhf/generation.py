@@ -78,16 +78,15 @@ def sample(
     model.eval()
     tokenizer.padding_side = "left"
     config = sampling_config(tokenizer, max_new_tokens, temperature)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     responses, ended = [], []
-    for start in range(0, len(prompts), batch_size):
-        texts = [render(tokenizer, p) for p in prompts[start : start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        decoded, finished = decode(tokenizer, generate(model, batch, config))
-        responses += decoded
-        ended += finished
-    torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):  # callers' streams stay untouched
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            texts = [render(tokenizer, p) for p in prompts[start : start + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            decoded, finished = decode(tokenizer, generate(model, batch, config))
+            responses += decoded
+            ended += finished
     return responses, ended
 
 

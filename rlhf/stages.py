@@ -104,8 +104,9 @@ class StageRecord:
 
 def stage_fingerprint(pipeline: Pipeline, stage: str, inputs: dict[str, str]) -> str:
     config = getattr(pipeline.stages, stage).model_dump(mode="json")
-    if stage == "ppo":  # the worker count shapes the rollouts; where the cluster is does not
-        config["ray"] = pipeline.ray.model_dump(mode="json", exclude={"address"})
+    if pipeline.runs_on_ray(stage):
+        # the workers shape the rollouts and the data shards; where the cluster is does not
+        config["ray"] = pipeline.ray.model_dump(mode="json", exclude={"address", "wait_seconds"})
     return fingerprint(stage, config, pipeline.seed, inputs)
 
 

@@ -13,18 +13,21 @@ from rlhf.config import Lora, Training
 log = logging.getLogger("rlhf")
 
 
-def trainer_arguments(config: Training, seed: int, output_dir: Path) -> dict:
-    """Keyword arguments for SFTConfig / RewardConfig from a stage's typed block, `trainer_args` last."""
-    return _typed_arguments(config, seed, output_dir) | config.trainer_args
+def trainer_arguments(config: Training, seed: int, output_dir: Path, workers: int = 1) -> dict:
+    """Keyword arguments for SFTConfig / RewardConfig from a stage's typed block, `trainer_args` last.
+
+    `batch_size` is the batch of one optimiser step over all `workers`.
+    """
+    return _typed_arguments(config, seed, output_dir, workers) | config.trainer_args
 
 
-def _typed_arguments(config: Training, seed: int, output_dir: Path) -> dict:
+def _typed_arguments(config: Training, seed: int, output_dir: Path, workers: int = 1) -> dict:
     on_gpu = torch.cuda.is_available()
     return dict(
         output_dir=str(output_dir),
         learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
+        per_device_train_batch_size=config.batch_size // workers,
+        per_device_eval_batch_size=config.batch_size // workers,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         lr_scheduler_type="cosine",

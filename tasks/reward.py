@@ -4,11 +4,13 @@ Pairs come from the data stage (real preference data) or, for a task with a
 gold reward, are sampled from the starting policy (the SFT model, else the
 stage's own model): two responses per prompt, ordered by gold, near-ties
 dropped. Pair accuracy is measured on held-out pairs before and after
-training. The model is saved with the tokenizer it scores with.
+training. Training runs here or on Ray Train (`rlhf/trl_fit.py`). The model
+is saved with the tokenizer it scores with.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -16,12 +18,13 @@ from prefect import task
 from prefect.cache_policies import NONE
 from trl import RewardConfig, RewardTrainer
 
-from rlhf import generation, models, pairs, training
+from rlhf import generation, models, pairs, training, trl_fit
 from rlhf import gold as rlhf_gold
 from rlhf.config import PolicyPairs, RewardStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits, write_splits
 from rlhf.errors import InputError
+from rlhf.seeding import seed_everything
 from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
 
 
@@ -39,40 +42,47 @@ def train_reward(ctx: StageContext) -> StageResult:
     data = load_splits(pair_dir)
     held_out = training.eval_subset(data["eval"], config.eval_rows, ctx.seed)
 
-    model, tokenizer = models.new_reward_model(base)
-    accuracy_before, _ = _pair_accuracy(model, tokenizer, held_out, config.max_length)
-    trainer = RewardTrainer(
-        model=model,
-        args=RewardConfig(**training.trainer_arguments(config, ctx.seed, ctx.work / "trainer")),
-        train_dataset=data["train"],
-        eval_dataset=held_out,
-        processing_class=tokenizer,
-        peft_config=training.lora_config(config.lora, "SEQ_CLS", modules_to_save=["score"]),
+    seed_everything(ctx.seed)  # the head the trainer starts from
+    accuracy_before, _ = _pair_accuracy(*models.new_reward_model(base), held_out, config.max_length)
+    fitted = trl_fit.fit(
+        partial(make_trainer, config.model_dump(mode="json"), ctx.seed, base, pair_dir, ctx.pipeline.ray.num_workers),
+        ctx.pipeline.ray, name=f"reward-{ctx.fingerprint}", work=ctx.work, outputs=ctx.outputs, seed=ctx.seed,
+        mlflow_uri=mlflow.get_tracking_uri(), mlflow_run_id=ctx.run_id,
     )
-    checkpoint, resumed_from_step = training.resume_point(ctx.work / "trainer")
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.evaluate()
-
-    training.save_policy(trainer, tokenizer, ctx.outputs)
+    tokenizer = models.load_tokenizer(ctx.outputs / "model")
     accuracy, scored = _pair_accuracy(models.load_reward_model(ctx.outputs / "model"), tokenizer, held_out, config.max_length)
     write_splits({split: list(data[split]) for split in data}, ctx.outputs / "pairs")
 
     metrics = {
         "eval_accuracy": accuracy,
         "eval_accuracy_before": accuracy_before,
-        "train_loss": result.training_loss,
-        "train_steps": float(trainer.state.global_step),
+        "train_loss": fitted.train_loss,
+        "train_steps": float(fitted.steps),
         "train_pairs": float(len(data["train"])),
         "eval_pairs": float(len(held_out)),
-        "resumed_from_step": float(resumed_from_step),
-        "peak_rss_mb": training.peak_rss_mb(),
-        "train_tokens_per_second": training.tokens_per_second(
-            trainer.state.log_history, resumed_from_step, result.metrics["train_runtime"]
-        ),
+        "resumed_from_step": float(fitted.resumed_from_step),
+        "peak_rss_mb": fitted.peak_rss_mb,
+        "train_tokens_per_second": fitted.tokens_per_second,
     }
     mlflow.log_metrics({f"reward.{k}": v for k, v in metrics.items()})
     mlflow.log_table(scored, artifact_file="reward/held_out_pairs.json")
     return StageResult(metrics=metrics, headline="eval_accuracy")
+
+
+def make_trainer(config: dict, seed: int, base: Path, pair_dir: Path, workers: int, output_dir: Path):
+    """TRL's RewardTrainer with the tokenizer it pads with, from plain values (Ray workers build it too)."""
+    config = RewardStage.model_validate(config)
+    data = load_splits(pair_dir)
+    model, tokenizer = models.new_reward_model(base)
+    trainer = RewardTrainer(
+        model=model,
+        args=RewardConfig(**training.trainer_arguments(config, seed, output_dir, workers)),
+        train_dataset=data["train"],
+        eval_dataset=training.eval_subset(data["eval"], config.eval_rows, seed),
+        processing_class=tokenizer,
+        peft_config=training.lora_config(config.lora, "SEQ_CLS", modules_to_save=["score"]),
+    )
+    return trainer, tokenizer
 
 
 @task(name="reward", cache_policy=NONE, persist_result=False)

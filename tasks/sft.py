@@ -3,13 +3,15 @@
 A scratch model (demo) is trained fully; a pretrained one fully or with LoRA.
 Without instruction data (HH-RLHF has preference pairs only) it trains on
 the prompts and the first assistant turn of the chosen replies.
-Checkpoints land in the work dir; re-entering the stage resumes from the
-newest one in the same MLflow run. Outputs: `model/` (LoRA merged, with the
+It runs here, or on Ray Train when the `ray` block asks for more than one
+worker or a GPU (`rlhf/trl_fit.py`); re-entering the stage resumes from the
+newest checkpoint in the same MLflow run. Outputs: `model/` (LoRA merged, with the
 tokenizer), `adapter/` when LoRA was used, and the metrics.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -17,7 +19,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 from trl import SFTConfig, SFTTrainer
 
-from rlhf import generation, models, training
+from rlhf import generation, models, training, trl_fit
 from rlhf import gold as rlhf_gold
 from rlhf.config import SftStage
 from rlhf.data.formats import text_of
@@ -27,44 +29,44 @@ from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_s
 
 def train_sft(ctx: StageContext) -> StageResult:
     config: SftStage = ctx.config
-    data = _instructions(ctx.upstream["data"])
-    texts = (text_of(row["prompt"]) + "\n" + text_of(row["completion"]) for row in data["train"])
+    data_dir = ctx.upstream["data"]
+    texts = (text_of(row["prompt"]) + "\n" + text_of(row["completion"]) for row in _instructions(data_dir)["train"])
     base = models.provision(config.model, texts, ctx.seed, "stages.sft.model", ctx.work / "base", ctx.home)
-    tokenizer = models.load_tokenizer(base)
-    model = models.load_causal_lm(base)
 
+    fitted = trl_fit.fit(
+        partial(make_trainer, config.model_dump(mode="json"), ctx.seed, base, data_dir, ctx.pipeline.ray.num_workers),
+        ctx.pipeline.ray, name=f"sft-{ctx.fingerprint}", work=ctx.work, outputs=ctx.outputs, seed=ctx.seed,
+        mlflow_uri=mlflow.get_tracking_uri(), mlflow_run_id=ctx.run_id,
+    )
+    metrics = {
+        "eval_loss": fitted.eval["eval_loss"],
+        "eval_loss_first": fitted.first_eval_loss,
+        "train_loss": fitted.train_loss,
+        "train_steps": float(fitted.steps),
+        "train_tokens_per_second": fitted.tokens_per_second,
+        "resumed_from_step": float(fitted.resumed_from_step),
+        "peak_rss_mb": fitted.peak_rss_mb,
+        "parameters": float(fitted.parameters),
+    }
+    mlflow.log_metrics({f"sft.{k}": v for k, v in metrics.items()})
+    _log_samples(config, ctx, _instructions(data_dir)["eval"], models.load_tokenizer(ctx.outputs / "model"))
+    return StageResult(metrics=metrics, headline="eval_loss")
+
+
+def make_trainer(config: dict, seed: int, base: Path, data_dir: Path, workers: int, output_dir: Path):
+    """TRL's SFTTrainer with its tokenizer, from plain values (Ray workers build it too); loss on completions."""
+    config = SftStage.model_validate(config)
+    data = _instructions(data_dir)
+    tokenizer = models.load_tokenizer(base)
     trainer = SFTTrainer(
-        model=model,
-        args=SFTConfig(
-            **training.trainer_arguments(config, ctx.seed, ctx.work / "trainer"),
-            completion_only_loss=True,
-        ),
+        model=models.load_causal_lm(base),
+        args=SFTConfig(**training.trainer_arguments(config, seed, output_dir, workers), completion_only_loss=True),
         train_dataset=data["train"],
-        eval_dataset=training.eval_subset(data["eval"], config.eval_rows, ctx.seed),
+        eval_dataset=training.eval_subset(data["eval"], config.eval_rows, seed),
         processing_class=tokenizer,
         peft_config=training.lora_config(config.lora, "CAUSAL_LM"),
     )
-    checkpoint, resumed_from_step = training.resume_point(ctx.work / "trainer")
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    final = trainer.evaluate()
-
-    training.save_policy(trainer, tokenizer, ctx.outputs)
-    first_eval = next(entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry)
-    metrics = {
-        "eval_loss": final["eval_loss"],
-        "eval_loss_first": first_eval,
-        "train_loss": result.training_loss,
-        "train_steps": float(trainer.state.global_step),
-        "train_tokens_per_second": training.tokens_per_second(
-            trainer.state.log_history, resumed_from_step, result.metrics["train_runtime"]
-        ),
-        "resumed_from_step": float(resumed_from_step),
-        "peak_rss_mb": training.peak_rss_mb(),
-        "parameters": float(model.num_parameters()),
-    }
-    mlflow.log_metrics({f"sft.{k}": v for k, v in metrics.items()})
-    _log_samples(config, ctx, data["eval"], tokenizer)
-    return StageResult(metrics=metrics, headline="eval_loss")
+    return trainer, tokenizer
 
 
 @task(name="sft", cache_policy=NONE, persist_result=False)

@@ -37,6 +37,7 @@ pipelines:
     tracking:
       experiment: tests-rlhf
     seed: 0
+    ray: {num_workers: 1, cpus_per_worker: 2}  # SFT and reward train in-process; tiny-ppo trains them on Ray
     stages: &train
       data:
         instructions:
@@ -89,6 +90,7 @@ pipelines:
     tracking:
       experiment: tests-hh
     seed: 0
+    ray: {num_workers: 1, cpus_per_worker: 2}
     stages:
       data:
         preferences:
@@ -170,6 +172,37 @@ class Cli:
 @pytest.fixture
 def cli(project: Path) -> Cli:
     return Cli(project, project / "home")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> tuple[Path, object, list]:
+    """A 2-layer scratch model with its left-padding tokenizer, and four chat prompts, for PPO unit tests."""
+    from rlhf import models
+    from rlhf.config import ScratchModel
+    from rlhf.synthetic_reviews import generate_examples
+
+    examples = generate_examples(300, 0.25, seed=0)
+    tokenizer = models.train_tokenizer((e["prompt"] + " " + e["completion"] for e in examples), 400)
+    tokenizer.padding_side = "left"
+    config = ScratchModel(init="scratch", vocab_size=400, hidden_size=32, layers=2, heads=2, intermediate_size=64)
+    directory = tmp_path_factory.mktemp("tiny")
+    models.build_model(config, tokenizer, seed=0).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, tokenizer, [[{"role": "user", "content": e["prompt"]}] for e in examples[:4]]
+
+
+# Ray Train's controller registers a reported checkpoint at its next poll of the workers (every 2 s by
+# default); only a registered checkpoint is restored. The tiny runs checkpoint faster than that.
+FAST_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+
+
+def registered_checkpoints(stage_dir: Path) -> list[str]:
+    """Checkpoints Ray Train will restore after a crash: those in its checkpoint manager's snapshot."""
+    snapshots = list(stage_dir.glob("*/work/ray/*/checkpoint_manager_snapshot.json"))
+    try:
+        return [r["checkpoint_dir_name"] for s in snapshots for r in json.loads(s.read_text())["checkpoint_results"]]
+    except (json.JSONDecodeError, OSError):  # caught mid-write
+        return []
 
 
 def kill_group(process: subprocess.Popen) -> None:

@@ -122,3 +122,11 @@ def test_ppo_without_sft_or_reward_stages_names_what_it_needs(project: Path):
             project / "pipelines.yaml", "tiny",
             ["stages.ppo.iterations=2", "stages.ppo.policy.init=pretrained", "stages.ppo.policy.path=x"],
         )
+
+
+def test_ppo_batches_split_evenly_over_workers_and_minibatches(project: Path):
+    with pytest.raises(InputError) as err:
+        load_pipeline(project / "pipelines.yaml", "tiny-ppo", ["ray.num_workers=3"])
+    assert "stages.ppo.batch_size (8) must be a multiple of ray.num_workers x stages.ppo.minibatches (3 x 2)" in str(err.value)
+    _, pipeline = load_pipeline(project / "pipelines.yaml", "tiny-ppo", ["ray.num_workers=4", "stages.ppo.minibatches=1"])
+    assert pipeline.ray.num_workers == 4

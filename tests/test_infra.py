@@ -82,7 +82,7 @@ def test_prefect_yaml_deploys_every_scheduled_pipeline_as_in_pipelines_yaml():
 def test_kuberay_cluster_and_job_fit_each_other_and_the_demo():
     config_map, claim = kube("common.yaml")
     [cluster] = kube("raycluster.yaml")
-    [job] = kube("rayjob-ppo.yaml")
+    [job] = kube("rayjob-pipeline.yaml")
     assert (config_map["kind"], claim["kind"], cluster["kind"], job["kind"]) == ("ConfigMap", "PersistentVolumeClaim", "RayCluster", "RayJob")
     assert cluster["apiVersion"] == job["apiVersion"] == "ray.io/v1"
     assert {"MLFLOW_TRACKING_URI", "RLHF_HOME", "RAY_AUTH_MODE"} <= set(config_map["data"])
@@ -101,9 +101,10 @@ def test_kuberay_cluster_and_job_fit_each_other_and_the_demo():
             assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
 
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
-    _, command, pipeline, option, stage = shlex.split(job["spec"]["entrypoint"])
-    assert (command, option, stage) == ("run", "--only", "ppo")
+    _, command, pipeline = shlex.split(job["spec"]["entrypoint"])
+    assert command == "run"
     ray = PIPELINES.pipelines[pipeline].ray
+    assert ray.trains_on_ray()  # SFT and reward use the worker group too, not only PPO
     [workers] = cluster["spec"]["workerGroupSpecs"]
     assert workers["replicas"] >= ray.num_workers
     assert workers["rayStartParams"]["num-cpus"] == str(ray.cpus_per_worker)

@@ -1,6 +1,7 @@
 """The data stage through the real CLI, the real Prefect flow (ephemeral API) and a real MLflow sqlite store."""
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def test_sigkill_mid_stage_leaves_no_manifest_and_the_rerun_completes(cli):
     wait_for(lambda: run_id_files() or process.poll() is not None, 300, "the data stage to start")
     assert process.poll() is None, process.log.read_text()
     kill_group(process)
-    assert manifests(cli.home) == []
+    assert not list(cli.home.glob("runs/*/*/*/manifest.json"))  # not even the data stage ran
     crashed_run = run_id_files()[0].read_text()
 
     rerun = cli("run", *big)
@@ -100,3 +101,12 @@ def test_sigkill_mid_stage_leaves_no_manifest_and_the_rerun_completes(cli):
     assert "│ data  │ resumed" in rerun.stdout
     [manifest_path] = manifests(cli.home)
     assert json.loads(manifest_path.read_text())["mlflow_run_id"] == crashed_run  # same MLflow run continued
+
+
+def test_more_workers_than_the_local_cluster_holds_exits_2_before_any_stage(cli):
+    too_big = cli("run", "tiny-ppo", "--set", "ray.cpus_per_worker=4096", timeout=300)
+    assert too_big.returncode == 2
+    message = too_big.stderr.strip().splitlines()[-1]
+    assert "ray.num_workers=2 workers of ray.cpus_per_worker=4096 CPUs need 8192 CPUs" in message
+    assert f"the local Ray cluster has {len(os.sched_getaffinity(0))} CPUs" in message
+    assert not list(cli.home.glob("runs/*/*/*/manifest.json"))  # not even the data stage ran

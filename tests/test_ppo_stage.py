@@ -9,7 +9,7 @@ import mlflow
 import psutil
 import pytest
 
-from conftest import Cli, kill_group, wait_for
+from conftest import FAST_POLL, Cli, kill_group, registered_checkpoints, wait_for
 
 pytestmark = pytest.mark.slow
 PIPELINE = "tiny-ppo"
@@ -22,20 +22,6 @@ def ppo_manifest(home: Path) -> dict:
 
 def history(home: Path) -> list[dict]:
     return json.loads((Path(ppo_manifest(home)["outputs"]["path"]) / "history.json").read_text())
-
-
-# Ray Train's controller registers a reported checkpoint at its next poll of the workers (every 2 s by
-# default); only a registered checkpoint is restored. The tiny run checkpoints faster than that.
-FAST_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
-
-
-def registered_checkpoints(home: Path) -> list[str]:
-    """Checkpoints Ray Train will restore after a crash: those in its checkpoint manager's snapshot."""
-    snapshots = list((home / "runs" / PIPELINE / "ppo").glob("*/work/ray/ppo-*/checkpoint_manager_snapshot.json"))
-    try:
-        return [r["checkpoint_dir_name"] for s in snapshots for r in json.loads(s.read_text())["checkpoint_results"]]
-    except (json.JSONDecodeError, OSError):  # caught mid-write
-        return []
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +96,7 @@ def test_sigkill_during_ppo_resumes_to_the_same_history(reference):
     project, reference_home = reference
     cli = Cli(project, project / "home-killed")
     process = cli.start("run", PIPELINE, **FAST_POLL)
-    wait_for(lambda: registered_checkpoints(cli.home) or process.poll() is not None, 900, "a registered PPO checkpoint")
+    wait_for(lambda: registered_checkpoints(cli.home / "runs" / PIPELINE / "ppo") or process.poll() is not None, 900, "a registered PPO checkpoint")
     assert process.poll() is None, process.log.read_text()[-4000:]
     kill_group(process)
     crashed_run = next((cli.home / "runs" / PIPELINE / "ppo").glob("*/work/mlflow_run_id")).read_text()
@@ -131,7 +117,7 @@ def test_a_killed_worker_is_restarted_and_the_stage_completes(reference):
     cli = Cli(project, project / "home-worker")
     longer = ["--set", "stages.ppo.iterations=80"]  # time enough to kill a worker mid-run
     process = cli.start("run", PIPELINE, *longer, **FAST_POLL)
-    wait_for(lambda: registered_checkpoints(cli.home) or process.poll() is not None, 900, "a registered PPO checkpoint")
+    wait_for(lambda: registered_checkpoints(cli.home / "runs" / PIPELINE / "ppo") or process.poll() is not None, 900, "a registered PPO checkpoint")
     workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
     assert workers and process.poll() is None, "no Ray Train worker process of this run found"
     os.kill(workers[-1].pid, signal.SIGKILL)

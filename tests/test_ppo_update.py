@@ -5,26 +5,12 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from rlhf import models
-from rlhf.config import PpoStage, ScratchModel
+from rlhf.config import PpoStage
 from rlhf.ppo import worker
-from rlhf.synthetic_reviews import generate_examples
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    examples = generate_examples(300, 0.25, seed=0)
-    tokenizer = models.train_tokenizer((e["prompt"] + " " + e["completion"] for e in examples), 400)
-    tokenizer.padding_side = "left"
-    config = ScratchModel(init="scratch", vocab_size=400, hidden_size=32, layers=2, heads=2, intermediate_size=64)
-    directory = tmp_path_factory.mktemp("tiny")
-    models.build_model(config, tokenizer, seed=0).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory, tokenizer, [[{"role": "user", "content": e["prompt"]}] for e in examples[:4]]
-
-
-def _step(setup, micro_batch_size):
-    directory, tokenizer, prompts = setup
+def _step(tiny_model, micro_batch_size):
+    directory, tokenizer, prompts = tiny_model
     ppo = PpoStage(batch_size=4, minibatches=1, epochs=1, max_new_tokens=10, micro_batch_size=micro_batch_size)
     torch.manual_seed(0)
     policy = worker._policy(directory, ppo, torch.device("cpu"))
@@ -42,9 +28,9 @@ def _step(setup, micro_batch_size):
     return [p.detach().clone() for p in params["policy"] + params["critic"]], stats
 
 
-def test_micro_batches_take_the_same_step_as_the_whole_minibatch(setup):
-    whole, whole_stats = _step(setup, None)
-    micro, micro_stats = _step(setup, 1)
+def test_micro_batches_take_the_same_step_as_the_whole_minibatch(tiny_model):
+    whole, whole_stats = _step(tiny_model, None)
+    micro, micro_stats = _step(tiny_model, 1)
     for a, b in zip(whole, micro):
         assert torch.allclose(a, b, atol=1e-6)
     assert micro_stats["policy_loss"] == pytest.approx(whole_stats["policy_loss"].item(), abs=1e-6)

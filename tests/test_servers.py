@@ -1,7 +1,8 @@
 """The operations path against real servers on 127.0.0.1, started by `infra/local-up` and stopped by
 `infra/local-down`: PostgreSQL, a Prefect server and an MLflow tracking server on it, and a two-node
 Ray cluster. `rlhf serve` registers the scheduled deployment; one run triggered through the Prefect
-API runs the tiny pipeline with PPO on both Ray nodes, tracked by the MLflow server."""
+API runs the tiny pipeline with SFT, reward and PPO workers on both Ray nodes, tracked by the MLflow
+server."""
 
 import os
 import re
@@ -107,8 +108,9 @@ def test_the_run_is_tracked_by_the_mlflow_server(servers, scheduled):
     assert len(kl) == 30
 
 
-def test_ppo_workers_ran_on_both_ray_nodes(scheduled):
-    nodes = dict(re.findall(r"ppo: worker (\d) of 2 on Ray node (\w+)", scheduled["serve_log"].read_text()))
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_training_workers_ran_on_both_ray_nodes(scheduled, stage):
+    nodes = dict(re.findall(rf"{stage}(?:-\w+)?: worker (\d) of 2 on Ray node (\w+)", scheduled["serve_log"].read_text()))
     assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"]
 
 
@@ -133,3 +135,14 @@ def test_infra_prefect_yaml_deploys_to_a_process_pool(servers):
     deployment = api.get("/deployments/name/rlhf-pipeline/demo-pool").json()
     assert deployment["work_pool_name"] == "rlhf-process" and deployment["entrypoint"] == "flows/pipeline.py:pipeline_flow"
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+
+
+def test_more_workers_than_the_existing_cluster_has_waits_then_exits_2(servers, project):
+    cli = Cli(project, project / "home-too-many-workers")
+    waited = cli("run", PIPELINE, "--set", "ray.num_workers=64", "--set", "stages.ppo.minibatches=1", "--set",
+                 "stages.ppo.batch_size=64", "--set", "ray.wait_seconds=20", timeout=300, **servers)
+    assert waited.returncode == 2, waited.stderr[-3000:]
+    assert "waiting for the Ray cluster at" in waited.stderr and "room for" in waited.stderr
+    message = waited.stderr.strip().splitlines()[-1]
+    assert "ray.num_workers=64" in message and "after 20 s (ray.wait_seconds)" in message and "on 2 nodes" in message
+    assert not list(cli.home.glob("runs/*/*/*/manifest.json"))

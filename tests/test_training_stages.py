@@ -1,12 +1,15 @@
-"""SFT and reward stages through the real CLI, Prefect flow, TRL trainers and MLflow store, at tiny scale."""
+"""SFT and reward stages through the real CLI, Prefect flow, TRL trainers (in-process and on Ray Train) and MLflow
+store, at tiny scale."""
 
 import json
+import re
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import kill_group, wait_for
+from conftest import FAST_POLL, kill_group, registered_checkpoints, wait_for
 from rlhf import models
 
 pytestmark = pytest.mark.slow
@@ -113,6 +116,36 @@ def test_reward_killed_after_a_checkpoint_resumes(cli):
     resumed = manifest(cli.home, "reward")
     assert resumed["mlflow_run_id"] == crashed_run
     assert resumed["metrics"]["resumed_from_step"] >= 4 and resumed["metrics"]["train_steps"] == 60
+
+
+def test_sft_on_ray_train_killed_after_a_checkpoint_resumes_in_the_same_mlflow_run(cli):
+    on_ray = ["--set", "ray.num_workers=2", "--set", "ray.cpus_per_worker=1", "--set", "stages.sft.max_steps=60"]
+    stage_dir = cli.home / "runs" / "tiny-rlhf" / "sft"
+    process = cli.start("run", "tiny-rlhf", *on_ray, **FAST_POLL)
+    wait_for(lambda: registered_checkpoints(stage_dir) or process.poll() is not None, 900, "a registered SFT checkpoint")
+    assert process.poll() is None, process.log.read_text()[-3000:]
+    kill_group(process)
+    assert not list(stage_dir.glob("*/manifest.json"))
+    crashed_run = next(stage_dir.glob("*/work/mlflow_run_id")).read_text()
+    assert {"0", "1"} <= set(re.findall(r"sft-\w+: worker (\d) of 2", process.log.read_text()))
+
+    rerun_started_ms = time.time() * 1000
+    rerun = cli("run", "tiny-rlhf", *on_ray, "--only", "sft", timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert actions(rerun.stdout) == {"data": "reused", "sft": "resumed"}
+    assert re.search(r"resuming from .*/work/ray/sft-\w+/checkpoint_", rerun.stdout + rerun.stderr)
+    resumed = manifest(cli.home, "sft")
+    assert resumed["mlflow_run_id"] == crashed_run
+    assert resumed["metrics"]["resumed_from_step"] >= 5 and resumed["metrics"]["train_steps"] == 60
+    assert resumed["metrics"]["eval_loss"] < resumed["metrics"]["eval_loss_first"]
+
+    mlflow.set_tracking_uri(f"sqlite:///{cli.home}/mlflow.db")
+    client = mlflow.MlflowClient()
+    run = client.get_run(crashed_run)
+    assert run.data.params["per_device_train_batch_size"] == "8"  # batch_size 16 is the step's batch over both workers
+    steps = [m.step for m in client.get_metric_history(crashed_run, "loss") if m.timestamp >= rerun_started_ms]
+    first = int(resumed["metrics"]["resumed_from_step"]) + 5
+    assert sorted(steps) == list(range(first, 61, 5))  # logged once per logging step, by rank 0 only
 
 
 def test_reward_model_on_real_hh_rlhf_dialogues(cli):

@@ -31,12 +31,22 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((values - mean) ** 2 * mask).sum() / (count - 1).clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
+def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[count, sum, sum of squares] of the masked entries, in float64: summed over workers, they describe the whole batch."""
+    values, mask = values.double(), mask.double()
+    return torch.stack([mask.sum(), (values * mask).sum(), (values**2 * mask).sum()])
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, moments: torch.Tensor | None = None) -> torch.Tensor:
+    """(values - mean) / std over the masked entries (unbiased variance), zero elsewhere.
+
+    `moments` (from `masked_moments`, summed over every worker's shard) whiten
+    a shard with the statistics of the whole batch.
+    """
+    count, total, squares = (masked_moments(values, mask) if moments is None else moments).tolist()
+    mean = total / max(count, 1.0)
+    var = max(squares - count * mean**2, 0.0) / max(count - 1, 1.0)
+    return (values - mean) * (var + 1e-8) ** -0.5 * mask
 
 
 # ---------------------------------------------------------------- log-probabilities

@@ -7,10 +7,13 @@ this worker's shard; generate; decode each response up to its EOS and score
 the text with the frozen reward model, rendered by its own tokenizer as in
 reward training and evaluation; compute log-probs of the policy, of the
 reference (the same weights with the adapter disabled) and values of the
-critic; turn scores and KL into per-token rewards and GAE advantages; then
-several epochs of clipped PPO updates over shuffled minibatches (gradients
-accumulated over micro-batches, all-reduced across workers). Rank 0 logs to
-MLflow and writes checkpoints; every worker's RNG state goes into them.
+critic; turn scores and KL into per-token rewards and GAE advantages,
+whitened over the whole batch; then several epochs of clipped PPO updates
+over shuffled minibatches. Every loss is a mean over the minibatch's
+response tokens on all workers together and gradients are summed across
+workers, so any worker count takes the step one worker would take on the
+same samples. Rank 0 logs to MLflow and writes checkpoints; every worker's
+RNG state (CPU and CUDA) goes into them.
 """
 
 from __future__ import annotations
@@ -74,15 +77,16 @@ def train_loop(config: dict) -> None:
     """Ray Train entry point; `config` holds only plain values (paths, ids, the stage block)."""
     import ray
     import ray.train
+    import ray.train.torch
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress lines
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    print(f"ppo: worker {rank} of {world} on Ray node {ray.get_runtime_context().get_node_id()}", flush=True)
+    device = ray.train.torch.get_device()
+    print(f"ppo: worker {rank} of {world} on Ray node {ray.get_runtime_context().get_node_id()} ({device})", flush=True)
     ppo = PpoStage.model_validate(config["ppo"])
     torch.set_num_threads(config["threads"])
     seed_everything(config["seed"])  # the same LoRA initialisation on every worker, as data parallelism needs
-    device = torch.device("cuda" if config["use_gpu"] else "cpu")
 
     policy_dir, reward_dir = Path(config["policy_model"]), Path(config["reward_model"])
     tokenizer = models.load_tokenizer(policy_dir, padding_side="left")
@@ -134,7 +138,7 @@ def train_loop(config: dict) -> None:
         sampler.position = state["sampler_position"]
         history, start = state["history"], state["iteration"]
         restored_from = start
-        _set_rng(state["rng"][rank])
+        _set_rng(state["rng"][rank], device)
         if rank == 0:
             print(f"ppo: resuming at iteration {start} from {checkpoint.path}", flush=True)
     else:
@@ -159,12 +163,7 @@ def train_loop(config: dict) -> None:
         with precision():
             rollout = _score(policy, critic, query, query_mask, response, mask, ended, ppo)
         rollout.scores = scores_of(batch_prompts, texts)
-        scores = A.normalise_scores(rollout.scores, normalisation["mean"], normalisation["std"], ppo.reward_clip)
-        scores = A.apply_missing_eos_penalty(scores, rollout.ended, ppo.missing_eos_penalty)
-        kl = A.kl_estimate(rollout.logp, rollout.ref_logp, ppo.kl.estimator) * rollout.mask
-        rewards, non_score = A.per_token_rewards(scores, kl, rollout.mask, kl_control.beta)
-        rollout.advantages, rollout.returns = A.gae(rewards, rollout.values, rollout.mask, ppo.gamma, ppo.lam)
-        rollout.advantages = A.masked_whiten(rollout.advantages, rollout.mask)
+        scores, kl, non_score = _advantages(rollout, normalisation, kl_control.beta, ppo, world)
         timings["seconds_score"] = time.monotonic() - clock
 
         clock = time.monotonic()
@@ -185,7 +184,7 @@ def train_loop(config: dict) -> None:
         }
         if gold_reward is not None:
             local["gold"] = torch.tensor([gold_reward(text_of(p), t) for p, t in zip(batch_prompts, texts)]).mean()
-        metrics = _all_reduce_mean(local, world)
+        metrics = _over_workers(local, world, device, mean=True) | _over_workers(train_stats, world, device, mean=False)
         metrics |= {
             "beta": kl_control.beta,
             "learning_rate": schedulers["policy"].get_last_lr()[0],
@@ -210,7 +209,7 @@ def train_loop(config: dict) -> None:
         last = iteration + 1 == ppo.iterations
         if (iteration + 1) % ppo.checkpoint_every == 0 or last:
             rng_states = [None] * world
-            dist.all_gather_object(rng_states, _get_rng()) if world > 1 else rng_states.__setitem__(0, _get_rng())
+            dist.all_gather_object(rng_states, _get_rng(device)) if world > 1 else rng_states.__setitem__(0, _get_rng(device))
             state = {
                 "iteration": iteration + 1,
                 "policy": _trainable_state(policy),
@@ -298,16 +297,14 @@ def _normalisation(policy, tokenizer, prompts, scores_of, sampling, precision, p
     The LoRA adapter starts at zero, so the policy is still the starting policy here.
     """
     drawn = np.random.default_rng([seed, 7]).choice(len(prompts), ppo.normalisation_samples).tolist()[rank::world]
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=policy.device)
     for start in range(0, len(drawn), ppo.batch_size):
         batch_prompts = [prompts[i] for i in drawn[start : start + ppo.batch_size]]
         with precision():
             response = _generate(policy, tokenizer, batch_prompts, sampling, ppo, policy.device)[2]
-        scores = scores_of(batch_prompts, generation.decode(tokenizer, response)[0]).double().cpu()
-        totals += torch.stack([torch.tensor(float(len(scores)), dtype=torch.float64), scores.sum(), (scores**2).sum()])
-    if world > 1:
-        dist.all_reduce(totals)
-    count, total, squares = totals.tolist()
+        scores = scores_of(batch_prompts, generation.decode(tokenizer, response)[0])
+        totals += A.masked_moments(scores, torch.ones_like(scores))
+    count, total, squares = _summed(totals, world).tolist()
     mean = total / count
     std = max(squares / count - mean**2, 0.0) ** 0.5
     return {"mean": mean, "std": std or 1.0, "count": int(count)}
@@ -338,6 +335,18 @@ def _score(policy, critic, query, query_mask, response, mask, ended, ppo: PpoSta
     return Rollout(query, query_mask, response, mask, ended, None, logp * mask, ref_logp * mask, values * mask)
 
 
+def _advantages(rollout: Rollout, normalisation: dict, beta: float, ppo: PpoStage, world: int):
+    """Fill in GAE advantages, whitened over every worker's tokens, and returns; (scores, kl, non-score rewards) for metrics."""
+    scores = A.normalise_scores(rollout.scores, normalisation["mean"], normalisation["std"], ppo.reward_clip)
+    scores = A.apply_missing_eos_penalty(scores, rollout.ended, ppo.missing_eos_penalty)
+    kl = A.kl_estimate(rollout.logp, rollout.ref_logp, ppo.kl.estimator) * rollout.mask
+    rewards, non_score = A.per_token_rewards(scores, kl, rollout.mask, beta)
+    advantages, rollout.returns = A.gae(rewards, rollout.values, rollout.mask, ppo.gamma, ppo.lam)
+    moments = _summed(A.masked_moments(advantages, rollout.mask), world)
+    rollout.advantages = A.masked_whiten(advantages, rollout.mask, moments)
+    return scores, kl, non_score
+
+
 # ---------------------------------------------------------------- update
 
 
@@ -346,87 +355,95 @@ def _update(
 ) -> dict:
     """`epochs` passes of clipped PPO over shuffled minibatches; one optimiser step per minibatch.
 
-    A minibatch is processed in micro-batches whose losses are weighted by
-    their share of its response tokens, so the accumulated gradient equals
-    the whole minibatch's.
+    Losses are weighted by each micro-batch's share of the minibatch's
+    response tokens on all workers, and gradients are summed across workers:
+    the step is the whole minibatch's, whatever the micro-batch size or
+    worker count. Returns each statistic's share from this worker; summed
+    over workers, they are means over all minibatch tokens.
     """
     policy.train()
     critic.train()
     size = rollout.query.shape[0]
-    per_minibatch = max(1, size // ppo.minibatches)
+    per_minibatch = size // ppo.minibatches
     per_micro = ppo.micro_batch_size or per_minibatch
+    minibatches = [
+        order[start : start + per_minibatch]
+        for order in (torch.randperm(size) for _ in range(ppo.epochs))
+        for start in range(0, size, per_minibatch)
+    ]
+    tokens = _summed(torch.stack([rollout.mask[m].sum() for m in minibatches]), world).clamp(min=1)
+    params = policy_params + critic_params
     sums: dict[str, torch.Tensor] = {}
-    count = 0
-    for _ in range(ppo.epochs):
-        order = torch.randperm(size)
-        for start in range(0, per_minibatch * ppo.minibatches, per_minibatch):
-            minibatch = order[start : start + per_minibatch]
-            tokens = rollout.mask[minibatch].sum().clamp(min=1)
-            optimisers["policy"].zero_grad(set_to_none=False)
-            optimisers["critic"].zero_grad(set_to_none=False)
-            step: dict[str, torch.Tensor] = {}
-            for micro in minibatch.split(per_micro):
-                query, query_mask, response, mask = (
-                    rollout.query[micro], rollout.query_mask[micro], rollout.response[micro], rollout.mask[micro]
-                )
-                weight = mask.sum() / tokens
-                with precision():
-                    logits = _response_logits(policy, query, query_mask, response, mask)
-                logp = A.token_logprobs(logits, response, ppo.temperature)
-                pg = A.policy_loss(logp, rollout.logp[micro], rollout.advantages[micro], mask, ppo.clip_ratio)
-                (pg.loss * weight).backward()
+    for minibatch, minibatch_tokens in zip(minibatches, tokens):
+        optimisers["policy"].zero_grad(set_to_none=False)
+        optimisers["critic"].zero_grad(set_to_none=False)
+        step: dict[str, torch.Tensor] = {}
+        for micro in minibatch.split(per_micro):
+            query, query_mask, response, mask = (
+                rollout.query[micro], rollout.query_mask[micro], rollout.response[micro], rollout.mask[micro]
+            )
+            weight = mask.sum() / minibatch_tokens
+            with precision():
+                logits = _response_logits(policy, query, query_mask, response, mask)
+            logp = A.token_logprobs(logits, response, ppo.temperature)
+            pg = A.policy_loss(logp, rollout.logp[micro], rollout.advantages[micro], mask, ppo.clip_ratio)
+            (pg.loss * weight).backward()
 
-                input_ids, attention_mask, positions = _sequence(query, query_mask, response, mask)
-                with precision():
-                    values = _values(critic, input_ids, attention_mask, positions)[:, query.shape[1] - 1 : -1]
-                vf_loss, vf_clip = A.value_loss(values, rollout.values[micro], rollout.returns[micro], mask, ppo.clip_value)
-                (vf_loss * weight).backward()
+            input_ids, attention_mask, positions = _sequence(query, query_mask, response, mask)
+            with precision():
+                values = _values(critic, input_ids, attention_mask, positions)[:, query.shape[1] - 1 : -1]
+            vf_loss, vf_clip = A.value_loss(values, rollout.values[micro], rollout.returns[micro], mask, ppo.clip_value)
+            (vf_loss * weight).backward()
 
-                with torch.no_grad():
-                    for key, value in (
-                        ("policy_loss", pg.loss),
-                        ("policy_clip_fraction", pg.clip_fraction),
-                        ("approx_kl", pg.approx_kl),
-                        ("ratio_mean", pg.ratio_mean),
-                        ("ratio_var", pg.ratio_var),
-                        ("value_loss", vf_loss),
-                        ("value_clip_fraction", vf_clip),
-                        ("entropy", A.masked_mean(A.entropy(logits, ppo.temperature), mask)),
-                    ):
-                        step[key] = step.get(key, 0.0) + weight * value.detach().float()
+            with torch.no_grad():
+                for key, value in (
+                    ("policy_loss", pg.loss),
+                    ("policy_clip_fraction", pg.clip_fraction),
+                    ("approx_kl", pg.approx_kl),
+                    ("ratio_mean", pg.ratio_mean),
+                    ("ratio_var", pg.ratio_var),
+                    ("value_loss", vf_loss),
+                    ("value_clip_fraction", vf_clip),
+                    ("entropy", A.masked_mean(A.entropy(logits, ppo.temperature), mask)),
+                ):
+                    step[key] = step.get(key, 0.0) + weight * value.detach().float()
 
-            _all_reduce_grads(policy_params, world)
-            step["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(policy_params, ppo.max_grad_norm)
-            optimisers["policy"].step()
-            schedulers["policy"].step()
-            _all_reduce_grads(critic_params, world)
-            torch.nn.utils.clip_grad_norm_(critic_params, ppo.max_grad_norm)
-            optimisers["critic"].step()
-            schedulers["critic"].step()
-            for key, value in step.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float()
-            count += 1
-    return {key: value / count for key, value in sums.items()}
+        _sum_gradients(params, world)
+        # the same on every worker after the sum; each reports its share like the other statistics
+        step["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(policy_params, ppo.max_grad_norm) / world
+        torch.nn.utils.clip_grad_norm_(critic_params, ppo.max_grad_norm)
+        for name in ("policy", "critic"):
+            optimisers[name].step()
+            schedulers[name].step()
+        for key, value in step.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
+    return {key: value / len(minibatches) for key, value in sums.items()}
 
 
-def _all_reduce_grads(params, world: int) -> None:
+def _summed(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    """The sum of `tensor` over all workers (it must live on the process group's device)."""
+    if world > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _sum_gradients(params, world: int) -> None:
+    """One all-reduce of every gradient, flattened into a single buffer."""
     if world == 1:
         return
     grads = [p.grad for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+    flat = _summed(torch.cat([g.reshape(-1) for g in grads]), world)
+    for grad, synced in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(synced.view_as(grad))
 
 
-def _all_reduce_mean(local: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+def _over_workers(local: dict, world: int, device, mean: bool) -> dict[str, float]:
+    """Scalars summed, or averaged, over workers, in one all-reduce on the process group's device."""
     keys = sorted(local)
-    stacked = torch.stack([torch.as_tensor(local[k], dtype=torch.float64).reshape(()).cpu() for k in keys])
-    if world > 1:
-        dist.all_reduce(stacked)
+    stacked = _summed(torch.stack([torch.as_tensor(local[k], dtype=torch.float64, device=device).reshape(()) for k in keys]), world)
+    if mean:
         stacked /= world
-    return {k: float(v) for k, v in zip(keys, stacked)}
+    return {k: float(v) for k, v in zip(keys, stacked.tolist())}
 
 
 # ---------------------------------------------------------------- state
@@ -443,14 +460,19 @@ def _trainable_load(model, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def _get_rng() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+def _get_rng(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _set_rng(state: dict) -> None:
+def _set_rng(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _report(metrics: dict, state: dict, policy, critic, tokenizer, rank: int, last: bool) -> None:
