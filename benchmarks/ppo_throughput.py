@@ -1,8 +1,10 @@
 """PPO throughput: seconds per iteration by phase, samples and tokens per second, peak memory.
 
 Runs our PPO engine on Ray Train for the demo model (~1M parameters) and a
-~12M-parameter model, with 1 and 2 workers, on random-weight models (speed
-does not depend on what the weights learnt). A benchmark, not a test:
+~12M-parameter model, as 1 worker x 2 CPUs and 2 workers x 1 CPU (the same
+cores either way), on random-weight models (speed does not depend on what
+the weights learnt). `sync` is the part of training spent in the gradient
+all-reduce, waiting for the slower worker included. A benchmark, not a test:
 
     .venv/bin/python benchmarks/ppo_throughput.py [--iterations 8] [--gpu]
 """
@@ -59,27 +61,28 @@ def main() -> None:
         for label, size in SIZES.items():
             sft, reward, prompts = make_models(size, root / label.replace(" ", "_"))
             parameters = models.load_causal_lm(sft).num_parameters()
-            for workers in (1, 2):
+            for workers, cpus in ((1, 2), (2, 1)):
                 run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("Default").experiment_id)
                 final = driver.run(
-                    ppo, RayConfig(num_workers=workers, cpus_per_worker=1, use_gpu=args.gpu),
+                    ppo, RayConfig(num_workers=workers, cpus_per_worker=cpus, use_gpu=args.gpu),
                     name=f"bench-{parameters}-{workers}", storage=root / "ray", seed=0, policy_model=sft,
                     reward_model=reward, critic_lora=None, prompts=prompts, gold="synthetic_reviews",
                     mlflow_uri=mlflow.get_tracking_uri(),
                     mlflow_run_id=run.info.run_id,
                 )
                 steps = json.loads((final / "history.json").read_text())[1:]  # the first iteration warms up
-                phases = {p: statistics.fmean(s[f"seconds_{p}"] for s in steps) for p in ("generate", "score", "train")}
-                total = sum(phases.values())
+                phases = {p: statistics.fmean(s[f"seconds_{p}"] for s in steps) for p in ("generate", "score", "train", "sync")}
+                total = phases["generate"] + phases["score"] + phases["train"]
                 tokens = statistics.fmean(s["response_length"] for s in steps) * ppo.batch_size
-                rows.append((label, f"{parameters / 1e6:.1f}M", workers, phases, total, ppo.batch_size / total,
+                rows.append((label, f"{parameters / 1e6:.1f}M", f"{workers} x {cpus}", phases, total, ppo.batch_size / total,
                              tokens / total, max(s["peak_rss_mb"] for s in steps)))
 
-    header = f"{'model':10} {'params':>7} {'workers':>7} {'gen s':>7} {'score s':>7} {'train s':>7} {'iter s':>7} {'samples/s':>9} {'tokens/s':>9} {'peak RSS MB/worker':>19}"
+    header = (f"{'model':10} {'params':>7} {'workers':>7} {'gen s':>7} {'score s':>7} {'train s':>7} {'sync s':>7} {'iter s':>7} "
+              f"{'samples/s':>9} {'tokens/s':>9} {'peak RSS MB/worker':>19}")
     print(header)
     print("-" * len(header))
     for label, params, workers, phases, total, samples, tokens, rss in rows:
-        print(f"{label:10} {params:>7} {workers:>7} {phases['generate']:>7.2f} {phases['score']:>7.2f} {phases['train']:>7.2f} "
+        print(f"{label:10} {params:>7} {workers:>7} {phases['generate']:>7.2f} {phases['score']:>7.2f} {phases['train']:>7.2f} {phases['sync']:>7.2f} "
               f"{total:>7.2f} {samples:>9.1f} {tokens:>9.0f} {rss:>19.0f}")
 
 

@@ -124,9 +124,12 @@ def test_ppo_without_sft_or_reward_stages_names_what_it_needs(project: Path):
         )
 
 
-def test_ppo_batches_split_evenly_over_workers_and_minibatches(project: Path):
+def test_batches_split_evenly_over_workers_and_ppo_minibatches(project: Path):
     with pytest.raises(InputError) as err:
         load_pipeline(project / "pipelines.yaml", "tiny-ppo", ["ray.num_workers=3"])
-    assert "stages.ppo.batch_size (8) must be a multiple of ray.num_workers x stages.ppo.minibatches (3 x 2)" in str(err.value)
-    _, pipeline = load_pipeline(project / "pipelines.yaml", "tiny-ppo", ["ray.num_workers=4", "stages.ppo.minibatches=1"])
+    assert "stages.sft.batch_size (16) must be a multiple of ray.num_workers (3)" in str(err.value)
+    with pytest.raises(InputError) as err:
+        load_pipeline(project / "pipelines.yaml", "tiny-ppo", ["ray.num_workers=8"])
+    assert "stages.ppo.batch_size (8) must be a multiple of ray.num_workers x stages.ppo.minibatches (8 x 2)" in str(err.value)
+    _, pipeline = load_pipeline(project / "pipelines.yaml", "tiny-ppo", ["ray.num_workers=4"])
     assert pipeline.ray.num_workers == 4

@@ -46,7 +46,7 @@ def _train(directory, rollout: worker.Rollout, world: int):
     params = {name: [p for p in model.parameters() if p.requires_grad] for name, model in (("policy", policy), ("critic", critic))}
     optimisers = {name: torch.optim.SGD(p, lr=0.5) for name, p in params.items()}  # Adam would magnify rounding
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0) for name, o in optimisers.items()}
-    stats = worker._update(policy, critic, optimisers, schedulers, params["policy"], params["critic"], rollout, PPO, nullcontext, world)
+    stats, _ = worker._update(policy, critic, optimisers, schedulers, params["policy"], params["critic"], rollout, PPO, nullcontext, world)
     stats = worker._over_workers(stats, world, torch.device("cpu"), mean=False)
     return rollout.advantages, [p.detach().clone() for p in params["policy"] + params["critic"]], stats
 

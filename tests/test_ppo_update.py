@@ -24,7 +24,7 @@ def _step(tiny_model, micro_batch_size):
     params = {name: [p for p in model.parameters() if p.requires_grad] for name, model in (("policy", policy), ("critic", critic))}
     optimisers = {name: torch.optim.SGD(p, lr=0.1) for name, p in params.items()}
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0) for name, o in optimisers.items()}
-    stats = worker._update(policy, critic, optimisers, schedulers, params["policy"], params["critic"], rollout, ppo, nullcontext, 1)
+    stats, _ = worker._update(policy, critic, optimisers, schedulers, params["policy"], params["critic"], rollout, ppo, nullcontext, 1)
     return [p.detach().clone() for p in params["policy"] + params["critic"]], stats
 
 

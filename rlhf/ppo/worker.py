@@ -167,7 +167,9 @@ def train_loop(config: dict) -> None:
         timings["seconds_score"] = time.monotonic() - clock
 
         clock = time.monotonic()
-        train_stats = _update(policy, critic, optimisers, schedulers, policy_params, critic_params, rollout, ppo, precision, world)
+        train_stats, timings["seconds_sync"] = _update(
+            policy, critic, optimisers, schedulers, policy_params, critic_params, rollout, ppo, precision, world
+        )
         timings["seconds_train"] = time.monotonic() - clock
 
         local = {
@@ -200,7 +202,8 @@ def train_loop(config: dict) -> None:
                 f"ppo {iteration + 1}/{ppo.iterations}: score {metrics['score']:+.3f}"
                 + (f" gold {metrics['gold']:+.3f}" if "gold" in metrics else "")
                 + f" kl {metrics['kl']:.2f} beta {metrics['beta']:.3f} len {metrics['response_length']:.1f}"
-                + f" ({metrics['seconds_generate']:.1f}s gen, {metrics['seconds_score']:.1f}s score, {metrics['seconds_train']:.1f}s train)",
+                + f" ({metrics['seconds_generate']:.1f}s gen, {metrics['seconds_score']:.1f}s score, {metrics['seconds_train']:.1f}s train"
+                + (f" of which {metrics['seconds_sync']:.1f}s gradient sync)" if world > 1 else ")"),
                 flush=True,
             )
             if (iteration + 1) % ppo.samples_every == 0 or iteration + 1 == ppo.iterations:
@@ -352,14 +355,15 @@ def _advantages(rollout: Rollout, normalisation: dict, beta: float, ppo: PpoStag
 
 def _update(
     policy, critic, optimisers, schedulers, policy_params, critic_params, rollout: Rollout, ppo: PpoStage, precision, world: int
-) -> dict:
+) -> tuple[dict, float]:
     """`epochs` passes of clipped PPO over shuffled minibatches; one optimiser step per minibatch.
 
     Losses are weighted by each micro-batch's share of the minibatch's
     response tokens on all workers, and gradients are summed across workers:
     the step is the whole minibatch's, whatever the micro-batch size or
-    worker count. Returns each statistic's share from this worker; summed
-    over workers, they are means over all minibatch tokens.
+    worker count. Returns each statistic's share from this worker (summed
+    over workers, they are means over all minibatch tokens) and the seconds
+    spent in the gradient all-reduce, waiting for slower workers included.
     """
     policy.train()
     critic.train()
@@ -374,6 +378,7 @@ def _update(
     tokens = _summed(torch.stack([rollout.mask[m].sum() for m in minibatches]), world).clamp(min=1)
     params = policy_params + critic_params
     sums: dict[str, torch.Tensor] = {}
+    sync = 0.0
     for minibatch, minibatch_tokens in zip(minibatches, tokens):
         optimisers["policy"].zero_grad(set_to_none=False)
         optimisers["critic"].zero_grad(set_to_none=False)
@@ -408,7 +413,9 @@ def _update(
                 ):
                     step[key] = step.get(key, 0.0) + weight * value.detach().float()
 
+        clock = time.monotonic()
         _sum_gradients(params, world)
+        sync += time.monotonic() - clock
         # the same on every worker after the sum; each reports its share like the other statistics
         step["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(policy_params, ppo.max_grad_norm) / world
         torch.nn.utils.clip_grad_norm_(critic_params, ppo.max_grad_norm)
@@ -417,7 +424,7 @@ def _update(
             schedulers[name].step()
         for key, value in step.items():
             sums[key] = sums.get(key, 0.0) + value.detach().float()
-    return {key: value / len(minibatches) for key, value in sums.items()}
+    return {key: value / len(minibatches) for key, value in sums.items()}, sync
 
 
 def _summed(tensor: torch.Tensor, world: int) -> torch.Tensor:
