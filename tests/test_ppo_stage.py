@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -24,6 +25,12 @@ def history(home: Path) -> list[dict]:
     return json.loads((Path(ppo_manifest(home)["outputs"]["path"]) / "history.json").read_text())
 
 
+def upstream_done(reference_home: Path, home: Path) -> Path:
+    """A copy of the reference home without its PPO and evaluation: only PPO runs there (SFT and reward are reused)."""
+    shutil.copytree(reference_home, home, ignore=shutil.ignore_patterns("ppo", "evaluate"))
+    return home
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[Path, Path]:
     """One uninterrupted run of the whole tiny pipeline, shared by the tests below."""
@@ -32,7 +39,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     project = tmp_path_factory.mktemp("ppo-project")
     (project / "pipelines.yaml").write_text(TINY_PIPELINES.replace("HH_FILE", str(HH_FILE)))
     (project / "prefs.jsonl").write_text("")
-    done = Cli(project, project / "home")("run", PIPELINE)
+    done = Cli(project, project / "home")("run", PIPELINE, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
     return project, project / "home"
 
@@ -94,14 +101,14 @@ def test_evaluation_pictures_report_and_registered_policy(reference):
 
 def test_sigkill_during_ppo_resumes_to_the_same_history(reference):
     project, reference_home = reference
-    cli = Cli(project, project / "home-killed")
+    cli = Cli(project, upstream_done(reference_home, project / "home-killed"))
     process = cli.start("run", PIPELINE, **FAST_POLL)
     wait_for(lambda: registered_checkpoints(cli.home / "runs" / PIPELINE / "ppo") or process.poll() is not None, 900, "a registered PPO checkpoint")
     assert process.poll() is None, process.log.read_text()[-4000:]
     kill_group(process)
     crashed_run = next((cli.home / "runs" / PIPELINE / "ppo").glob("*/work/mlflow_run_id")).read_text()
 
-    rerun = cli("run", PIPELINE)
+    rerun = cli("run", PIPELINE, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert ppo_manifest(cli.home)["mlflow_run_id"] == crashed_run
     assert max(h["restored_from"] for h in history(cli.home)) >= 5
@@ -113,8 +120,8 @@ def test_sigkill_during_ppo_resumes_to_the_same_history(reference):
 
 
 def test_a_killed_worker_is_restarted_and_the_stage_completes(reference):
-    project, _ = reference
-    cli = Cli(project, project / "home-worker")
+    project, reference_home = reference
+    cli = Cli(project, upstream_done(reference_home, project / "home-worker"))
     longer = ["--set", "stages.ppo.iterations=80"]  # time enough to kill a worker mid-run
     process = cli.start("run", PIPELINE, *longer, **FAST_POLL)
     wait_for(lambda: registered_checkpoints(cli.home / "runs" / PIPELINE / "ppo") or process.poll() is not None, 900, "a registered PPO checkpoint")

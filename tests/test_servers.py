@@ -71,7 +71,7 @@ def scheduled(servers, project):
         deployment = api.get(f"/deployments/name/rlhf-pipeline/{PIPELINE}").json()
         run = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).json()
         wait_for(lambda: api.get(f"/flow_runs/{run['id']}").json()["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED"),
-                 600, "the triggered flow run")
+                 1200, "the triggered flow run")
         yield {"api": api, "cli": cli, "deployment": deployment, "run": api.get(f"/flow_runs/{run['id']}").json(),
                "serve_log": serving.log}
     finally:
@@ -139,10 +139,10 @@ def test_infra_prefect_yaml_deploys_to_a_process_pool(servers):
 
 def test_more_workers_than_the_existing_cluster_has_waits_then_exits_2(servers, project):
     cli = Cli(project, project / "home-too-many-workers")
-    waited = cli("run", PIPELINE, "--set", "ray.num_workers=64", "--set", "stages.ppo.minibatches=1", "--set",
-                 "stages.ppo.batch_size=64", "--set", "ray.wait_seconds=20", timeout=300, **servers)
+    waited = cli("run", PIPELINE, "--set", "ray.num_workers=8", "--set", "stages.ppo.minibatches=1", "--set",
+                 "ray.wait_seconds=20", timeout=300, **servers)
     assert waited.returncode == 2, waited.stderr[-3000:]
     assert "waiting for the Ray cluster at" in waited.stderr and "room for" in waited.stderr
     message = waited.stderr.strip().splitlines()[-1]
-    assert "ray.num_workers=64" in message and "after 20 s (ray.wait_seconds)" in message and "on 2 nodes" in message
+    assert "ray.num_workers=8" in message and "after 20 s (ray.wait_seconds)" in message and "on 2 nodes" in message
     assert not list(cli.home.glob("runs/*/*/*/manifest.json"))
