@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -13,13 +14,14 @@ from rlhf import report, tracking
 from rlhf.config import load_pipeline
 from rlhf.errors import InputError
 from rlhf.stages import StageSpec, external_inputs, reuse_stage, upstream_inputs
-from tasks.data_prep import data_prep
-from tasks.evaluate import evaluate
-from tasks.ppo import ppo
-from tasks.reward import reward
-from tasks.sft import sft
 
-STAGE_TASKS = {"data": data_prep, "sft": sft, "reward": reward, "ppo": ppo, "evaluate": evaluate}
+STAGE_TASKS = {"data": "data_prep:data_prep", "sft": "sft:sft", "reward": "reward:reward", "ppo": "ppo:ppo", "evaluate": "evaluate:evaluate"}
+
+
+def stage_task(stage: str):
+    """The stage's Prefect task, imported only when the stage runs: a fully reused pipeline never loads torch."""
+    module, name = STAGE_TASKS[stage].split(":")
+    return getattr(import_module(f"tasks.{module}"), name)
 
 
 def plan(stages: list[str], from_stage: str | None, only: str | None) -> dict[str, str]:
@@ -90,7 +92,7 @@ def pipeline_flow(
                 records[stage] = reuse_stage(spec, manifest)
             else:
                 logger.info("stage %s: running %s", stage, spec.fingerprint)
-                records[stage] = STAGE_TASKS[stage](spec)
+                records[stage] = stage_task(stage)(spec)
         report.log_report(parent, name, tags, list(records.values()))
     return {
         "pipeline": name, "experiment": experiment, "parent_run": parent, "flow_run": str(flow_run.id),

@@ -51,8 +51,9 @@ def test_full_pipeline_with_two_ray_workers(reference):
     assert [h["iteration"] for h in steps] == list(range(1, 31))
     for key in ("score", "gold", "kl", "beta", "entropy", "policy_clip_fraction", "value_clip_fraction", "approx_kl",
                 "ratio_mean", "ratio_var", "value_loss", "policy_loss", "eos_share", "response_length",
-                "learning_rate", "non_score_reward", "seconds_generate", "seconds_score", "seconds_train"):
+                "learning_rate", "non_score_reward", "seconds_generate", "seconds_score", "seconds_train", "seconds_iteration"):
         assert all(key in h for h in steps), key
+    assert [h["iteration"] for h in steps if "seconds_setup" in h] == [1]  # set-up is timed once per (re)start
     outputs = Path(manifest["outputs"]["path"])
     for name in ("adapter/adapter_config.json", "model/config.json", "model/tokenizer_config.json", "critic/config.json"):
         assert (outputs / name).exists(), name
@@ -112,6 +113,7 @@ def test_sigkill_during_ppo_resumes_to_the_same_history(reference):
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert ppo_manifest(cli.home)["mlflow_run_id"] == crashed_run
     assert max(h["restored_from"] for h in history(cli.home)) >= 5
+    assert len([h for h in history(cli.home) if "seconds_setup" in h]) >= 2
     resumed, straight = history(cli.home), history(reference_home)
     assert len(resumed) == len(straight) == 30
     for got, want in zip(resumed, straight):

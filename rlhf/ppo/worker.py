@@ -18,6 +18,7 @@ RNG state (CPU and CUDA) goes into them.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import random
@@ -79,6 +80,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    setup_started = time.monotonic()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress lines
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -148,10 +150,14 @@ def train_loop(config: dict) -> None:
                   f"over {normalisation['count']} samples", flush=True)
 
     logger = _MlflowLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    gc.collect()
+    gc.freeze()  # what setup loaded lives to the end: later collections need not walk it
+    finished = time.monotonic()
     for iteration in range(start, ppo.iterations):
         batch = sampler.take(ppo.batch_size)[rank::world]
         batch_prompts = [prompts[i] for i in batch]
-        timings = {}
+        # after a (re)start, what the worker spent before its first iteration: models, normalisation samples
+        timings = {"seconds_setup": finished - setup_started} if iteration == start else {}
 
         clock = time.monotonic()
         with precision():
@@ -183,6 +189,8 @@ def train_loop(config: dict) -> None:
             "peak_rss_mb": torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             **train_stats,
             **{k: torch.tensor(v) for k, v in timings.items()},
+            # since the previous iteration ended: its logging and checkpoint included
+            "seconds_iteration": torch.tensor(time.monotonic() - finished),
         }
         if gold_reward is not None:
             local["gold"] = torch.tensor([gold_reward(text_of(p), t) for p, t in zip(batch_prompts, texts)]).mean()
@@ -226,6 +234,7 @@ def train_loop(config: dict) -> None:
                 "history": history,
             }
             _report(metrics, state, policy, critic, tokenizer, rank, last)
+        finished = time.monotonic()
 
 
 # ---------------------------------------------------------------- models
@@ -320,9 +329,11 @@ def _sequence(query, query_mask, response, mask):
 
 
 def _response_logits(model, query, query_mask, response, mask):
+    """Logits that predict each response token; the LM head never runs at the other prompt positions."""
     input_ids, attention_mask, positions = _sequence(query, query_mask, response, mask)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
-    return logits[:, query.shape[1] - 1 : -1]
+    keep = response.shape[1] + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
+    return logits[:, :-1]
 
 
 @torch.no_grad()
