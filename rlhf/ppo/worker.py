@@ -115,8 +115,8 @@ def train_loop(config: dict) -> None:
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     optimisers = {
-        "policy": torch.optim.AdamW(policy_params, lr=ppo.learning_rate, weight_decay=0.0),
-        "critic": torch.optim.AdamW(critic_params, lr=ppo.critic_learning_rate, weight_decay=0.0),
+        "policy": torch.optim.AdamW(policy_params, lr=ppo.learning_rate, weight_decay=0.0, foreach=True),
+        "critic": torch.optim.AdamW(critic_params, lr=ppo.critic_learning_rate, weight_decay=0.0, foreach=True),
     }
     schedulers = {
         name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / steps) for name, opt in optimisers.items()
