@@ -46,7 +46,7 @@ SIZES = {  # hidden, layers, heads, FFN, tied embeddings: TRL's measured "tiny" 
     "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1024, tie_word_embeddings=False),
 }
 WORK = dict(batch=32, max_new_tokens=40, temperature=0.7, epochs=4, minibatches=2, lora_r=16, learning_rate=1e-4, iterations=12, threads=2)
-LAYOUTS = ((1, 2), (2, 1))  # workers x CPUs each: both use the same 2 cores
+LAYOUTS = {"1x2": (1, 2), "2x1": (2, 1)}  # workers x CPUs each: both use the same 2 cores
 PHASES = ("generate", "score", "train", "other")
 PROMPT_TOKENS = 16
 
@@ -109,7 +109,7 @@ def run_ours(work_dir: Path, prompts: list, workers: int, cpus: int, precision: 
     )
     wall = time.monotonic() - start
     history = json.loads((final / "history.json").read_text())
-    iterations = [{"seconds": h["seconds_iteration"], **{p: h[f"seconds_{p}"] for p in PHASES[:3]}} for h in history]
+    iterations = [{"seconds": h["seconds_iteration"], "sync": h["seconds_sync"], **{p: h[f"seconds_{p}"] for p in PHASES[:3]}} for h in history]
     setup = history[0]["seconds_setup"]
     return iterations, {"setup": setup, "ray": wall - setup - sum(it["seconds"] for it in iterations)}
 
@@ -117,7 +117,7 @@ def run_ours(work_dir: Path, prompts: list, workers: int, cpus: int, precision: 
 def steady(iterations: list[dict]) -> dict[str, float]:
     """Medians over iterations 3-12, with `other` the iteration's time outside generate, score and train."""
     rows = iterations[2:]
-    medians = {p: statistics.median(r[p] for r in rows) for p in PHASES[:3]}
+    medians = {p: statistics.median(r[p] for r in rows) for p in (*PHASES[:3], "sync") if p in rows[0]}
     return {"seconds": statistics.median(r["seconds"] for r in rows), **medians,
             "other": statistics.median(r["seconds"] - r["generate"] - r["score"] - r["train"] for r in rows)}
 
@@ -126,6 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--runs", type=int, default=2, help="alternating runs of each side (at least 2 for a comparison)")
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), help="ours: workers x CPUs each")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="ours only: TRL's PPOTrainer does not autocast")
     parser.add_argument("--trl-venv", type=Path, default=Path.home() / ".cache" / "rlhf-pipeline" / "trl-1.12-venv")
     args = parser.parse_args()
@@ -141,7 +142,7 @@ def main() -> None:
                 trl = steady(run_trl(python, work_dir))
                 results.setdefault((size, "TRL 1.12"), []).append(trl | {"ratio": 1.0})
                 print(f"run {repeat + 1} {size:5} TRL 1.12        {trl['seconds']:.3f} s/iteration", flush=True)
-                for workers, cpus in LAYOUTS:
+                for workers, cpus in (LAYOUTS[layout] for layout in args.layouts):
                     iterations, startup = run_ours(work_dir, prompts, workers, cpus, args.precision)
                     ours = steady(iterations)
                     ours["ratio"] = ours["seconds"] / trl["seconds"]
@@ -149,7 +150,7 @@ def main() -> None:
                     results.setdefault((size, f"ours {workers} x {cpus}"), []).append(ours)
                     startups.append(startup)
                     print(f"run {repeat + 1} {size:5} ours {workers} x {cpus} {args.precision} {ours['seconds']:.3f} s/iteration "
-                          f"({ours['ratio']:.2f} x TRL); before the first iteration: Ray {startup['ray']:.1f} s, "
+                          f"({ours['ratio']:.2f} x TRL), gradient sync {ours['sync']:.3f} s; before the first iteration: Ray {startup['ray']:.1f} s, "
                           f"models and normalisation {startup['setup']:.1f} s", flush=True)
 
     header = f"{'size':6} {'engine':14} {'s/iteration':>15} {'x TRL':>11} " + " ".join(f"{p + ' s (x TRL)':>21}" for p in PHASES)

@@ -7,7 +7,7 @@ import shlex
 import yaml
 
 from conftest import ROOT
-from rlhf.config import load_file
+from rlhf.config import load_file, load_pipeline
 
 INFRA = ROOT / "infra"
 PIPELINES = load_file(ROOT / "pipelines.yaml")
@@ -101,9 +101,10 @@ def test_kuberay_cluster_and_job_fit_each_other_and_the_demo():
             assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
 
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
-    _, command, pipeline = shlex.split(job["spec"]["entrypoint"])
-    assert command == "run"
-    ray = PIPELINES.pipelines[pipeline].ray
+    _, command, pipeline, *overrides = shlex.split(job["spec"]["entrypoint"])
+    assert command == "run" and overrides[::2] == ["--set"] * (len(overrides) // 2)
+    _, config = load_pipeline(ROOT / "pipelines.yaml", pipeline, overrides[1::2])
+    ray = config.ray
     assert ray.trains_on_ray()  # SFT and reward use the worker group too, not only PPO
     [workers] = cluster["spec"]["workerGroupSpecs"]
     assert workers["replicas"] >= ray.num_workers

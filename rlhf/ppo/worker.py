@@ -322,15 +322,17 @@ def _normalisation(policy, tokenizer, prompts, scores_of, sampling, precision, p
     return {"mean": mean, "std": std or 1.0, "count": int(count)}
 
 
-def _sequence(query, query_mask, response, mask):
+def _sequence(query, query_mask, response):
+    """Prompt and response as one sequence. Tokens after a response's EOS stay visible: attention is causal,
+    so no position up to the EOS can see them, and an all-ones mask keeps the fast causal attention path."""
     input_ids = torch.cat([query, response], dim=1)
-    attention_mask = torch.cat([query_mask, mask.long()], dim=1)
+    attention_mask = torch.cat([query_mask, torch.ones_like(response)], dim=1)
     return input_ids, attention_mask, _positions(attention_mask)
 
 
-def _response_logits(model, query, query_mask, response, mask):
+def _response_logits(model, query, query_mask, response):
     """Logits that predict each response token; the LM head never runs at the other prompt positions."""
-    input_ids, attention_mask, positions = _sequence(query, query_mask, response, mask)
+    input_ids, attention_mask, positions = _sequence(query, query_mask, response)
     keep = response.shape[1] + 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
     return logits[:, :-1]
@@ -341,10 +343,10 @@ def _score(policy, critic, query, query_mask, response, mask, ended, ppo: PpoSta
     """Log-probs of policy and reference and the critic's values; the scores are filled in from the text."""
     policy.eval()
     critic.eval()
-    input_ids, attention_mask, positions = _sequence(query, query_mask, response, mask)
-    logp = A.token_logprobs(_response_logits(policy, query, query_mask, response, mask), response, ppo.temperature)
+    input_ids, attention_mask, positions = _sequence(query, query_mask, response)
+    logp = A.token_logprobs(_response_logits(policy, query, query_mask, response), response, ppo.temperature)
     with policy.disable_adapter():
-        ref_logp = A.token_logprobs(_response_logits(policy, query, query_mask, response, mask), response, ppo.temperature)
+        ref_logp = A.token_logprobs(_response_logits(policy, query, query_mask, response), response, ppo.temperature)
     values = _values(critic, input_ids, attention_mask, positions)[:, query.shape[1] - 1 : -1]
     return Rollout(query, query_mask, response, mask, ended, None, logp * mask, ref_logp * mask, values * mask)
 
@@ -387,7 +389,7 @@ def _update(
         for start in range(0, size, per_minibatch)
     ]
     tokens = _summed(torch.stack([rollout.mask[m].sum() for m in minibatches]), world).clamp(min=1)
-    params = policy_params + critic_params
+    gradients = _flat_gradients(policy_params + critic_params)
     sums: dict[str, torch.Tensor] = {}
     sync = 0.0
     for minibatch, minibatch_tokens in zip(minibatches, tokens):
@@ -400,12 +402,12 @@ def _update(
             )
             weight = mask.sum() / minibatch_tokens
             with precision():
-                logits = _response_logits(policy, query, query_mask, response, mask)
+                logits = _response_logits(policy, query, query_mask, response)
             logp = A.token_logprobs(logits, response, ppo.temperature)
             pg = A.policy_loss(logp, rollout.logp[micro], rollout.advantages[micro], mask, ppo.clip_ratio)
             (pg.loss * weight).backward()
 
-            input_ids, attention_mask, positions = _sequence(query, query_mask, response, mask)
+            input_ids, attention_mask, positions = _sequence(query, query_mask, response)
             with precision():
                 values = _values(critic, input_ids, attention_mask, positions)[:, query.shape[1] - 1 : -1]
             vf_loss, vf_clip = A.value_loss(values, rollout.values[micro], rollout.returns[micro], mask, ppo.clip_value)
@@ -425,7 +427,7 @@ def _update(
                     step[key] = step.get(key, 0.0) + weight * value.detach().float()
 
         clock = time.monotonic()
-        _sum_gradients(params, world)
+        _summed(gradients, world)
         sync += time.monotonic() - clock
         # the same on every worker after the sum; each reports its share like the other statistics
         step["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(policy_params, ppo.max_grad_norm) / world
@@ -445,14 +447,13 @@ def _summed(tensor: torch.Tensor, world: int) -> torch.Tensor:
     return tensor
 
 
-def _sum_gradients(params, world: int) -> None:
-    """One all-reduce of every gradient, flattened into a single buffer."""
-    if world == 1:
-        return
-    grads = [p.grad for p in params]
-    flat = _summed(torch.cat([g.reshape(-1) for g in grads]), world)
-    for grad, synced in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(synced.view_as(grad))
+def _flat_gradients(params) -> torch.Tensor:
+    """One buffer that holds every gradient, each parameter's `.grad` a view into it: a single all-reduce
+    sums them all in place, with no copies in or out."""
+    flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+    for param, grad in zip(params, flat.split([p.numel() for p in params])):
+        param.grad = grad.view_as(param)
+    return flat
 
 
 def _over_workers(local: dict, world: int, device, mean: bool) -> dict[str, float]:
