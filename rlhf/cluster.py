@@ -40,7 +40,12 @@ def connect(cluster: RayConfig) -> bool:
         address=where,
         num_cpus=None if where else local_cpus(),
         include_dashboard=False,
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        runtime_env={"env_vars": {
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+            # the Train controller notices a finished run at its next poll: every 2 s by default
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"),
+        }},
         log_to_driver=True,
     )
     return True

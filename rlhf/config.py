@@ -190,6 +190,7 @@ class PolicyPairs(Strict):
     min_gold_gap: float = Field(0.25, ge=0, description="pairs whose gold rewards differ less are dropped")
     max_new_tokens: int = Field(40, ge=1)
     temperature: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, ge=1, description="responses generated at once (a small model samples faster in bigger batches)")
 
 
 class DataPairs(Strict):

@@ -32,7 +32,7 @@ def label(prompt: Messages, first: str, second: str, gold: Gold, min_gap: float)
 
 def sample_pairs(
     policy, tokenizer, prompts: list[Messages], count: int, gold: Gold, min_gap: float,
-    max_new_tokens: int, temperature: float, seed: int, max_rounds: int = 8,
+    max_new_tokens: int, temperature: float, seed: int, batch_size: int = 128, max_rounds: int = 8,
 ) -> list[dict]:
     """`count` labelled pairs, two samples per drawn prompt."""
     rng = random.Random(seed)
@@ -40,7 +40,7 @@ def sample_pairs(
     for round_index in range(max_rounds):
         drawn = [rng.choice(prompts) for _ in range(int((count - len(pairs)) * 1.5) + 8)]
         doubled = [p for p in drawn for _ in range(2)]
-        responses, _ = generation.sample(policy, tokenizer, doubled, max_new_tokens, temperature, seed + round_index)
+        responses, _ = generation.sample(policy, tokenizer, doubled, max_new_tokens, temperature, seed + round_index, batch_size)
         for index, prompt in enumerate(drawn):
             pair = label(prompt, responses[2 * index], responses[2 * index + 1], gold, min_gap)
             if pair is not None and len(pairs) < count:

@@ -111,6 +111,7 @@ def _make_pairs(config: RewardStage, ctx: StageContext, policy_dir: Path) -> Non
         made[split] = pairs.sample_pairs(
             policy, tokenizer, list(prompts[split]["prompt"]), count, rlhf_gold.of_data(data_dir),
             config.pairs.min_gold_gap, config.pairs.max_new_tokens, config.pairs.temperature, ctx.seed + offset,
+            config.pairs.batch_size,
         )
     write_splits(made, ctx.work / "pairs")
 

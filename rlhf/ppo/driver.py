@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
 from rlhf import cluster as rlhf_cluster
 from rlhf.config import Lora, PpoStage, RayConfig
 
@@ -18,8 +20,6 @@ def run(
     critic_lora: Lora | None, prompts: list, gold: str | None, mlflow_uri: str, mlflow_run_id: str,
 ) -> Path:
     """Train; returns the directory of the final checkpoint (adapter, critic, normalisation, state, history)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
     result = rlhf_cluster.train(
         cluster,
         _train_loop,
