@@ -70,12 +70,12 @@ def run(
     name, parsed = load_pipeline(config, pipeline, overrides or [])  # fail fast, before Prefect starts
     rlhf_home.prepare(state["home"])
     logging.getLogger("rlhf").setLevel(logging.INFO)
-    prefect_api = threading.Thread(target=_start_temporary_prefect_api, daemon=True)
-    prefect_api.start()
+    prefect_api = _start_temporary_prefect_api()
     from flows.pipeline import pipeline_flow
 
     _warm_up(name, parsed)
-    prefect_api.join()
+    if prefect_api is not None:
+        prefect_api.join()
     result = pipeline_flow(
         pipeline=name,
         overrides=overrides or [],
@@ -104,15 +104,24 @@ def serve(
     serve_deployments(config, state["home"], pipelines or [])
 
 
-def _start_temporary_prefect_api() -> None:
-    """Without a Prefect server, Prefect starts a temporary one (~10 s) on first use; starting it now
-    overlaps that with importing the stages. Should it fail, the flow's own start reports why."""
+def _start_temporary_prefect_api() -> threading.Thread | None:
+    """Without a Prefect server, Prefect starts a temporary one on first use (~12 s on a new home, mostly
+    creating its database). Launched now, it starts while the warm-up runs; the import comes first, as
+    other imports alongside it would hold the interpreter and delay the launch. Should it fail, the
+    flow's own start reports why."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+
+    def start() -> None:
         with contextlib.suppress(Exception):
             SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    return thread
 
 
 def _warm_up(name: str, pipeline) -> None:
