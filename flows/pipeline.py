@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 from rlhf import cluster
 from rlhf import home as rlhf_home
 from rlhf import report, tracking
-from rlhf.config import load_pipeline
+from rlhf.config import load_pipeline, plan
 from rlhf.errors import InputError
 from rlhf.stages import StageSpec, external_inputs, reuse_stage, upstream_inputs
 
@@ -22,22 +22,6 @@ def stage_task(stage: str):
     """The stage's Prefect task, imported only when the stage runs: a fully reused pipeline never loads torch."""
     module, name = STAGE_TASKS[stage].split(":")
     return getattr(import_module(f"tasks.{module}"), name)
-
-
-def plan(stages: list[str], from_stage: str | None, only: str | None) -> dict[str, str]:
-    """stage -> 'auto' (reuse if complete), 'force' (run again) or 'require' (must be complete).
-
-    `--only S` runs S alone (reused when complete, like any stage); `--from S --only S` forces it.
-    """
-    for option, value in (("--from", from_stage), ("--only", only)):
-        if value is not None and value not in stages:
-            raise InputError(f"{option} {value}: no such stage in this pipeline; stages: {', '.join(stages)}")
-    if only:
-        if from_stage not in (None, only):
-            raise InputError(f"--from {from_stage} --only {only}: together they must name the same stage")
-        return {stage: "require" for stage in stages[: stages.index(only)]} | {only: "force" if from_stage else "auto"}
-    forced_from = stages.index(from_stage) if from_stage else len(stages)
-    return {stage: "force" if i >= forced_from else "auto" for i, stage in enumerate(stages)}
 
 
 @flow(name="rlhf-pipeline", flow_run_name="{pipeline}", persist_result=False)

@@ -12,10 +12,11 @@ import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer._click.exceptions import NoArgsIsHelpError
+from typer.exceptions import TyperException
 
 from rlhf import home as rlhf_home
 from rlhf.errors import InputError, StageFailed
@@ -23,26 +24,45 @@ from rlhf.errors import InputError, StageFailed
 app = typer.Typer(
     help="Run and inspect RLHF pipelines (data -> SFT -> reward model -> PPO -> evaluation).",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console()
 state: dict = {}
 
+
+
+def _complete_pipelines(incomplete: str) -> list[str]:
+    from rlhf.config import load_file
+
+    try:
+        names = load_file(rlhf_home.default_config()).pipelines
+    except Exception:  # a broken file must not spill a traceback into the shell
+        return []
+    return [name for name in names if name.startswith(incomplete)]
+
+
+def _complete_stages(incomplete: str) -> list[str]:
+    from rlhf.config import STAGE_ORDER
+
+    return [stage for stage in STAGE_ORDER if stage.startswith(incomplete)]
+
+
 ConfigOption = Annotated[
-    Optional[Path], typer.Option("--config", help="pipelines file [default: ./pipelines.yaml, else the project's]")
+    Optional[Path], typer.Option("--config", help="pipelines file", show_default="./pipelines.yaml, else the project's")
 ]
 SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", metavar="KEY=VALUE", help="override a pipeline key, e.g. stages.data.eval_fraction=0.1"),
 ]
-PipelineArg = Annotated[Optional[str], typer.Argument(help="pipeline name [default: `default:` of the file]")]
+PipelineArg = Annotated[
+    Optional[str], typer.Argument(help="pipeline name", show_default="the file's `default:`", autocompletion=_complete_pipelines)
+]
 
 
 @app.callback()
 def _options(
     home: Annotated[
-        Optional[Path], typer.Option("--home", envvar="RLHF_HOME", help="artifacts, MLflow store, Prefect home [default: ./.rlhf]")
+        Optional[Path], typer.Option("--home", envvar="RLHF_HOME", help="artifacts, MLflow store, Prefect home", show_default="./.rlhf")
     ] = None,
 ) -> None:
     state["home"] = rlhf_home.resolve(home)
@@ -55,19 +75,20 @@ def _config(config: Path | None) -> Path:
 @app.command()
 def run(
     pipeline: PipelineArg = None,
-    from_stage: Annotated[Optional[str], typer.Option("--from", help="run this stage and all after it again")] = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="run this stage and all after it again", autocompletion=_complete_stages)] = None,
     only: Annotated[
         Optional[str],
-        typer.Option("--only", help="run just this stage, reused if complete (its upstream must be complete); with --from the same stage, forced"),
+        typer.Option("--only", autocompletion=_complete_stages, help="run just this stage, reused if complete (its upstream must be complete); with --from the same stage, forced"),
     ] = None,
     overrides: SetOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Run a pipeline; completed stages whose inputs did not change are reused."""
-    from rlhf.config import load_pipeline
+    from rlhf.config import load_pipeline, plan
 
     config = _config(config)
     name, parsed = load_pipeline(config, pipeline, overrides or [])  # fail fast, before Prefect starts
+    plan(parsed.stages.present(), from_stage, only)
     rlhf_home.prepare(state["home"])
     logging.getLogger("rlhf").setLevel(logging.INFO)
     prefect_api = _start_temporary_prefect_api()
@@ -89,7 +110,7 @@ def run(
 
 @app.command()
 def serve(
-    pipelines: Annotated[Optional[list[str]], typer.Argument(help="pipelines to serve [default: all with a schedule]")] = None,
+    pipelines: Annotated[Optional[list[str]], typer.Argument(help="pipelines to serve", show_default="all with a schedule")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Serve each pipeline's `schedule:` as a Prefect deployment until stopped (needs PREFECT_API_URL).
@@ -246,19 +267,26 @@ def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000) -> N
 
 
 def main() -> None:
-    # Registered first so it runs last: the error stays the final line, after
+    # Registered first so it runs last: the message stays the final line, after
     # Prefect's temporary server has said that it stopped.
     pending: list[str] = []
     atexit.register(lambda: pending and print(pending[0], file=sys.stderr))
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
-    except click.ClickException as usage:
-        usage.show()
+        code = app(standalone_mode=False)  # typer returns exit codes here, 130 after Ctrl-C
+    except typer.Abort:  # end of input at a prompt
+        sys.exit(1)
+    except TyperException as usage:  # typer's own click: unknown option or command, missing value
+        context = getattr(usage, "ctx", None)
+        if isinstance(usage, NoArgsIsHelpError):
+            print(context.get_help())
+        else:
+            where = f" (see `{context.command_path} --help`)" if context is not None else ""
+            print(f"error: {usage.format_message()}{where}", file=sys.stderr)
         sys.exit(usage.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
     except (InputError, StageFailed) as error:
         pending.append(f"error: {error}")
         sys.exit(error.exit_code)
+    if code == 130:
+        pending.append("interrupted: run the same command again to resume; completed stages are reused "
+                       "and an interrupted stage resumes from its last checkpoint")
+    sys.exit(code or 0)

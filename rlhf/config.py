@@ -560,3 +560,17 @@ def load_pipeline(path: Path, name: str | None, overrides: list[str] = ()) -> tu
     return name, pipeline
 
 
+def plan(stages: list[str], from_stage: str | None, only: str | None) -> dict[str, str]:
+    """stage -> 'auto' (reuse if complete), 'force' (run again) or 'require' (must be complete).
+
+    `--only S` runs S alone (reused when complete, like any stage); `--from S --only S` forces it.
+    """
+    for option, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in stages:
+            raise InputError(f"{option} {value}: no such stage in this pipeline; stages: {', '.join(stages)}")
+    if only:
+        if from_stage not in (None, only):
+            raise InputError(f"--from {from_stage} --only {only}: together they must name the same stage")
+        return {stage: "require" for stage in stages[: stages.index(only)]} | {only: "force" if from_stage else "auto"}
+    forced_from = stages.index(from_stage) if from_stage else len(stages)
+    return {stage: "force" if i >= forced_from else "auto" for i, stage in enumerate(stages)}

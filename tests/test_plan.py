@@ -1,6 +1,6 @@
 import pytest
 
-from flows.pipeline import plan
+from rlhf.config import plan
 from rlhf.errors import InputError
 
 STAGES = ["data", "sft", "reward", "ppo"]
