@@ -30,7 +30,6 @@ console = Console()
 state: dict = {}
 
 
-
 def _complete_pipelines(incomplete: str) -> list[str]:
     from rlhf.config import load_file
 

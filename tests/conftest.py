@@ -191,8 +191,8 @@ def tiny_model(tmp_path_factory) -> tuple[Path, object, list]:
     return directory, tokenizer, [[{"role": "user", "content": e["prompt"]}] for e in examples[:4]]
 
 
-# Ray Train's controller registers a reported checkpoint at its next poll of the workers (every 2 s by
-# default); only a registered checkpoint is restored. The tiny runs checkpoint faster than that.
+# Ray Train's controller registers a reported checkpoint at its next poll of the workers (every 0.25 s as
+# `rlhf` starts Ray); only a registered checkpoint is restored. The tiny runs checkpoint faster than that.
 FAST_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 
 
