@@ -32,7 +32,7 @@ def label(prompt: Messages, first: str, second: str, gold: Gold, min_gap: float)
 
 def sample_pairs(
     policy, tokenizer, prompts: list[Messages], count: int, gold: Gold, min_gap: float,
-    max_new_tokens: int, temperature: float, seed: int, batch_size: int = 128, max_rounds: int = 8,
+    max_new_tokens: int, temperature: float, seed: int, batch_size: int, max_rounds: int = 8,
 ) -> list[dict]:
     """`count` labelled pairs, two samples per drawn prompt."""
     rng = random.Random(seed)
