@@ -8,13 +8,16 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.logs import quiet_expected_errors
 from rlhf import cluster
 from rlhf import home as rlhf_home
 from rlhf import report, tracking
 from rlhf.config import load_pipeline, plan
+from rlhf.data.sources import external_inputs
 from rlhf.errors import InputError
-from rlhf.stages import StageSpec, external_inputs, reuse_stage, upstream_inputs
+from rlhf.stages import StageSpec, reuse_stage, upstream_inputs
 
+quiet_expected_errors()
 STAGE_TASKS = {"data": "data_prep:data_prep", "sft": "sft:sft", "reward": "reward:reward", "ppo": "ppo:ppo", "evaluate": "evaluate:evaluate"}
 
 

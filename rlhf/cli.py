@@ -221,15 +221,26 @@ def list_pipelines(config: ConfigOption = None) -> None:
 
 @app.command()
 def validate(config: ConfigOption = None) -> None:
-    """Check the pipelines file and the data files it names, then exit."""
-    from rlhf.config import load_file
-    from rlhf.stages import external_inputs
+    """Check the pipelines file and every row of the data files it names; starts no server, trains nothing."""
+    from rlhf.config import FileSource, load_file
+    from rlhf.data import prepare
+    from rlhf.data.formats import CONVERTERS
+    from rlhf.data.sources import describe, external_inputs
 
     path = _config(config)
     parsed = load_file(path)
+    checked = set()
     for pipeline in parsed.pipelines.values():
-        for stage in pipeline.stages.present():
+        for stage in pipeline.stages.present()[1:]:  # a given reward model; the data files are read in full below
             external_inputs(stage, pipeline)
+        for role in CONVERTERS:
+            source = getattr(pipeline.stages.data, role)
+            if not isinstance(source, FileSource) or (role, describe(source)) in checked:
+                continue
+            checked.add((role, describe(source)))
+            examples, dropped, rows, where = prepare.read_examples(source, role, pipeline.seed)
+            skipped = f", {sum(dropped.values())} dropped ({', '.join(f'{k} {v}' for k, v in dropped.items())})" if dropped else ""
+            console.print(f"{where}: {rows} rows, {len(examples)} usable as {role}{skipped}")
     console.print(f"{path}: ok ({len(parsed.pipelines)} pipelines: {', '.join(parsed.pipelines)})")
 
 

@@ -472,19 +472,25 @@ def _format_validation_error(err: ValidationError, where: str) -> str:
         allowed = sorted(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
         return f"{where}: unknown key '{path}'; allowed keys here: {', '.join(allowed)}"
     value = first.get("input")
-    shown_value = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown_value = "" if isinstance(value, dict) else f" (got {_shorten(value)})"
     return f"{where}: '{path}': {first['msg']}{shown_value}"
+
+
+def _shorten(value: Any, limit: int = 80) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else f"{shown[: limit - 5]}...{shown[-2:]}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`stages.ppo.iterations=10` -> (['stages','ppo','iterations'], 10)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise InputError(f"--set {text!r}: expected KEY=VALUE, e.g. stages.data.eval_fraction=0.1")
+        raise InputError(f"--set {_shorten(text)}: expected KEY=VALUE, e.g. stages.data.eval_fraction=0.1")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise InputError(f"--set {key}: value {raw!r} is not a YAML scalar: {exc}") from None
+        value = _load_yaml(raw) if raw.strip() else None
+    except (yaml.YAMLError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).replace("\n", " ")
+        raise InputError(f"--set {key}: value {_shorten(raw)} is not valid YAML: {why}") from None
     return key.strip().split("."), value
 
 
@@ -505,13 +511,20 @@ def apply_overrides(raw: dict, pipeline: str, overrides: list[str]) -> dict:
     return raw
 
 
+def _load_yaml(text: str) -> Any:
+    # libyaml's parser refuses deep nesting at once; the pure-Python one recurses until RecursionError, slowly
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def read_yaml(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _load_yaml(path.read_text())
     except FileNotFoundError:
         raise InputError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    except RecursionError:
+        raise InputError(f"{path}: not usable YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a mapping with 'default' and 'pipelines'")
     return raw

@@ -21,8 +21,8 @@ import mlflow
 from filelock import Timeout
 
 from rlhf import tracking
-from rlhf.config import FileSource, HubSource, Pipeline
-from rlhf.data import sources
+from rlhf.config import Pipeline
+from rlhf.data.sources import external_inputs
 from rlhf.errors import InputError, StageFailed
 from rlhf.store import StageDir, digest_tree, fingerprint
 
@@ -135,24 +135,6 @@ def stage_states(home: Path, name: str, pipeline: Pipeline) -> list[tuple[str, .
         else:
             rows.append((stage, "not run", stage_fp, "", "", ""))
     return rows
-
-
-def external_inputs(stage: str, pipeline: Pipeline) -> dict[str, str]:
-    """Digests of what a stage reads from outside the store (data files, a given reward model)."""
-    given = pipeline.stages.ppo.reward_model if stage == "ppo" else None
-    if given is not None:
-        if not (given / "config.json").is_file():
-            raise InputError(f"stages.ppo.reward_model: {given} is not a saved model directory (no config.json)")
-        return {"reward_model": digest_tree(given)}
-    if stage != "data":
-        return {}
-    data = pipeline.stages.data
-    found = {}
-    for role in ("instructions", "preferences"):
-        source = getattr(data, role)
-        if isinstance(source, (FileSource, HubSource)):
-            found[f"{role}:{sources.describe(source)}"] = sources.digest(source)
-    return found
 
 
 def upstream_inputs(stage: str, records: dict[str, StageRecord]) -> tuple[dict[str, str], dict[str, Path]]:

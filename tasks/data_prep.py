@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections import Counter
 
 import mlflow
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 
-from rlhf import synthetic_reviews
-from rlhf.config import DataStage, SyntheticReviewsSource
-from rlhf.data import formats, prepare, sources
+from rlhf.config import DataStage
+from rlhf.data import formats, prepare
 from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
 from rlhf.store import digest_tree
 
@@ -27,18 +25,13 @@ from rlhf.store import digest_tree
 def prepare_data(ctx: StageContext) -> StageResult:
     config: DataStage = ctx.config
     datasets, stats = {}, {}
-    for role, source, convert in (
-        ("instructions", config.instructions, formats.instruction),
-        ("preferences", config.preferences, formats.preference),
-        ("prompts", config.prompts, formats.prompt_only),
-    ):
+    for role in formats.CONVERTERS:
+        source = getattr(config, role)
         if source is None:
             continue
-        rows, where, on_invalid = _rows(source, ctx.seed)
-        read = Counter()
-        examples, dropped = prepare.normalize(_counted(rows, read), convert, where, on_invalid)
+        examples, dropped, rows_read, where = prepare.read_examples(source, role, ctx.seed)
         datasets[role] = prepare.split(examples, config.eval_fraction, ctx.seed)
-        stats[role] = {"source": where, **prepare.statistics(datasets[role], dropped, read["rows"])}
+        stats[role] = {"source": where, **prepare.statistics(datasets[role], dropped, rows_read)}
 
     datasets["prompts"] = prepare.distinct_prompts(
         {name: [e for parts in datasets.values() for e in parts[name]] for name in prepare.SPLITS}
@@ -64,21 +57,6 @@ def prepare_data(ctx: StageContext) -> StageResult:
 @task(name="data", cache_policy=NONE, persist_result=False)
 def data_prep(spec: StageSpec) -> StageRecord:
     return run_stage(spec, prepare_data)
-
-
-def _rows(source, seed: int):
-    """(numbered rows, where they come from, what to do with an invalid row)."""
-    if isinstance(source, SyntheticReviewsSource):
-        generated = synthetic_reviews.generate_examples(source.examples, source.positive_share, seed)
-        rows = ((n, {"prompt": e["prompt"], "completion": e["completion"]}) for n, e in enumerate(generated, 1))
-        return rows, f"synthetic_reviews(seed={seed})", "error"
-    return sources.read_rows(source), sources.describe(source), source.on_invalid
-
-
-def _counted(rows, counter: Counter):
-    for row in rows:
-        counter["rows"] += 1
-        yield row
 
 
 def _numbers(tree: dict, prefix: str = ""):

@@ -83,6 +83,8 @@ def test_bad_input_exits_2_naming_key_or_file_and_row_and_keeps_completed_work(c
     failed = cli("run", "--set", f"stages.data.preferences.path={bad}")
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines()[-1] == f"error: {bad}: row 7: missing field 'chosen'"
+    console = failed.stdout + failed.stderr
+    assert "Traceback" not in console and console.count("row 7: missing field 'chosen'") == 1, console
     assert manifests(cli.home) == [manifest_path] and manifest_path.read_text() == before
 
 

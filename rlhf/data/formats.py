@@ -61,6 +61,9 @@ def prompt_only(row: dict) -> dict:
     return {"prompt": _prompt(_field(row, "prompt"), "prompt")}
 
 
+CONVERTERS = {"instructions": instruction, "preferences": preference, "prompts": prompt_only}  # per data-stage source
+
+
 def text_of(messages: Messages) -> str:
     return "\n".join(m["content"] for m in messages)
 

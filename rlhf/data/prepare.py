@@ -15,10 +15,32 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf.data.formats import RowProblem, text_of
+from rlhf import synthetic_reviews
+from rlhf.config import SyntheticReviewsSource
+from rlhf.data import sources
+from rlhf.data.formats import CONVERTERS, RowProblem, text_of
 from rlhf.errors import InputError
 
 SPLITS = ("train", "eval")
+
+
+def read_examples(source, role: str, seed: int) -> tuple[list[dict], Counter, int, str]:
+    """A source's rows converted for its role: (examples, dropped by reason, rows read, where they came from)."""
+    if isinstance(source, SyntheticReviewsSource):
+        generated = synthetic_reviews.generate_examples(source.examples, source.positive_share, seed)
+        rows = ((n, {"prompt": e["prompt"], "completion": e["completion"]}) for n, e in enumerate(generated, 1))
+        where, on_invalid = f"synthetic_reviews(seed={seed})", "error"
+    else:
+        rows, where, on_invalid = sources.read_rows(source), sources.describe(source), source.on_invalid
+    read = Counter()
+    examples, dropped = normalize(_counted(rows, read), CONVERTERS[role], where, on_invalid)
+    return examples, dropped, read["rows"], where
+
+
+def _counted(rows, counter: Counter):
+    for row in rows:
+        counter["rows"] += 1
+        yield row
 
 
 def normalize(

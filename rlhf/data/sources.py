@@ -9,10 +9,29 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from rlhf.config import FileSource, HubSource
+from rlhf.config import FileSource, HubSource, Pipeline
+from rlhf.data.formats import CONVERTERS
 from rlhf.errors import InputError
+from rlhf.store import digest_tree
 
 Row = tuple[int, dict]
+
+
+def external_inputs(stage: str, pipeline: Pipeline) -> dict[str, str]:
+    """Digests of what a stage reads from outside the store (data files, a given reward model)."""
+    given = pipeline.stages.ppo.reward_model if stage == "ppo" else None
+    if given is not None:
+        if not (given / "config.json").is_file():
+            raise InputError(f"stages.ppo.reward_model: {given} is not a saved model directory (no config.json)")
+        return {"reward_model": digest_tree(given)}
+    if stage != "data":
+        return {}
+    found = {}
+    for role in CONVERTERS:
+        source = getattr(pipeline.stages.data, role)
+        if isinstance(source, (FileSource, HubSource)):
+            found[f"{role}:{describe(source)}"] = digest(source)
+    return found
 
 
 def describe(source: FileSource | HubSource) -> str:
@@ -63,24 +82,29 @@ def _decode(path: Path, data: bytes, where: str) -> str:
         raise InputError(f"{path}: {where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
+def _parse_json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        position = f"column {exc.colno}" if exc.lineno == 1 else f"line {exc.lineno} column {exc.colno}"
+        raise InputError(f"{where}: not valid JSON: {exc.msg} at {position}") from None
+    except ValueError as exc:  # an integer of more than 4,300 digits
+        raise InputError(f"{where}: not usable JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply") from None
+
+
 def _read_jsonl(path: Path) -> Iterator[Row]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             line = _decode(path, raw, f"line {number}").strip()
             if not line:
                 continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}: row {number}: not valid JSON: {exc.msg} at column {exc.colno}") from None
+            yield number, _parse_json(line, f"{path}: row {number}")
 
 
 def _read_json(path: Path) -> Iterator[Row]:
-    text = _decode(path, path.read_bytes(), "file")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    data = _parse_json(_decode(path, path.read_bytes(), "file"), str(path))
     if isinstance(data, dict):
         lists = [value for value in data.values() if isinstance(value, list)]
         if len(lists) != 1:
