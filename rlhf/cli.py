@@ -19,6 +19,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer.exceptions import TyperException
 
 from rlhf import home as rlhf_home
+from rlhf import stage_log
 from rlhf.errors import InputError, StageFailed
 
 app = typer.Typer(
@@ -26,7 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)  # rich's 80 columns off a terminal fold the summary
 state: dict = {}
 
 
@@ -63,8 +64,15 @@ def _options(
     home: Annotated[
         Optional[Path], typer.Option("--home", envvar="RLHF_HOME", help="artifacts, MLflow store, Prefect home", show_default="./.rlhf")
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="also show on the console what libraries and Ray workers print (always in each stage's stage.log)")
+    ] = False,
 ) -> None:
     state["home"] = rlhf_home.resolve(home)
+    if verbose:
+        os.environ[stage_log.VERBOSE] = "1"
+    else:  # e.g. MLflow's lines as it creates its database
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _config(config: Path | None) -> Path:
@@ -171,6 +179,9 @@ def _summary(result: dict) -> None:
         headline = f"{record.headline[0]} = {_number(record.headline[1])}" if record.headline else ""
         table.add_row(record.stage, record.action, f"{record.seconds:.1f}", headline, record.run_id)
     console.print(table)
+    ran = [r for r in result["stages"] if r.action != "reused"]
+    if ran:
+        console.print(f"stage logs: {' '.join(str(r.outputs.parent / stage_log.FILE_NAME) for r in ran)}", soft_wrap=True)
     from rlhf.report import evaluation_lines
 
     for line in evaluation_lines(result["stages"], result["pipeline"]):

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+from rlhf import progress, stage_log
 from rlhf.config import RayConfig
 from rlhf.errors import InputError
 
@@ -36,19 +37,46 @@ def connect(cluster: RayConfig) -> bool:
     if ray.is_initialized():
         return False
     where = address(cluster)
-    ray.init(
-        address=where,
-        num_cpus=None if where else local_cpus(),
-        include_dashboard=False,
-        runtime_env={"env_vars": {
-            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-            # the Train controller notices a finished run at its next poll: every 2 s by default
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"),
-        }},
-        log_to_driver=True,
-    )
+    console = {handler: handler.level for handler in logging.getLogger("ray").handlers}
+    if not stage_log.verbose():
+        for handler in console:  # "Started a local Ray instance" and the like
+            handler.setLevel(logging.ERROR)
+    try:
+        ray.init(
+            address=where,
+            num_cpus=None if where else local_cpus(),
+            include_dashboard=False,
+            runtime_env={
+                "env_vars": {
+                    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                    # the Train controller notices a finished run at its next poll: every 2 s by default
+                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"),
+                    progress.ON_RAY_WORKER: "1",
+                },
+                "worker_process_setup_hook": "rlhf.cluster.setup_worker_process",
+            },
+            log_to_driver=True,
+        )
+    finally:
+        for handler, level in console.items():
+            handler.setLevel(level)
+    stage_log.route_ray_output()
     return True
+
+
+def setup_worker_process() -> None:
+    """In each Ray worker process: our log lines to its output, which Ray forwards to the stage's log.
+
+    Without the dashboard's state API (not started here: about 1 GB more on a small machine) Ray
+    Train's placement-group cleaner warns every second that it cannot query the controller. It only
+    matters after a controller crash; a run that ends removes its own placement group.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("rlhf").addHandler(handler)
+    logging.getLogger("rlhf").setLevel(logging.INFO)
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def backend(cluster: RayConfig) -> str:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig
 
+from rlhf import progress
 from rlhf.data.formats import Messages
 
 
@@ -72,9 +73,10 @@ def decode(tokenizer, generated: torch.Tensor) -> tuple[list[str], list[bool]]:
 
 @torch.no_grad()
 def sample(
-    model, tokenizer, prompts: list[Messages], max_new_tokens: int, temperature: float, seed: int, batch_size: int = 128
+    model, tokenizer, prompts: list[Messages], max_new_tokens: int, temperature: float, seed: int, batch_size: int = 128,
+    phase: str | None = None,
 ) -> tuple[list[str], list[bool]]:
-    """One sampled response per prompt, and whether each ended with EOS."""
+    """One sampled response per prompt, and whether each ended with EOS; `phase` names it on the progress display."""
     model.eval()
     tokenizer.padding_side = "left"
     config = sampling_config(tokenizer, max_new_tokens, temperature)
@@ -87,6 +89,8 @@ def sample(
             decoded, finished = decode(tokenizer, generate(model, batch, config))
             responses += decoded
             ended += finished
+            if phase:
+                progress.report(phase, len(responses), len(prompts))
     return responses, ended
 
 

@@ -34,3 +34,4 @@ def prepare_stages(home: Path) -> None:
     os.environ.setdefault("HF_DATASETS_CACHE", str(home / "cache" / "datasets"))
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # per-map bars drown the progress lines
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model logged

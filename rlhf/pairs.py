@@ -40,7 +40,9 @@ def sample_pairs(
     for round_index in range(max_rounds):
         drawn = [rng.choice(prompts) for _ in range(int((count - len(pairs)) * 1.5) + 8)]
         doubled = [p for p in drawn for _ in range(2)]
-        responses, _ = generation.sample(policy, tokenizer, doubled, max_new_tokens, temperature, seed + round_index, batch_size)
+        responses, _ = generation.sample(
+            policy, tokenizer, doubled, max_new_tokens, temperature, seed + round_index, batch_size, phase=f"sampling round {round_index + 1}"
+        )
         for index, prompt in enumerate(drawn):
             pair = label(prompt, responses[2 * index], responses[2 * index + 1], gold, min_gap)
             if pair is not None and len(pairs) < count:

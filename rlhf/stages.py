@@ -20,7 +20,7 @@ from typing import Callable
 import mlflow
 from filelock import Timeout
 
-from rlhf import tracking
+from rlhf import progress, stage_log, tracking
 from rlhf.config import Pipeline
 from rlhf.data.sources import external_inputs
 from rlhf.errors import InputError, StageFailed
@@ -143,6 +143,12 @@ def upstream_inputs(stage: str, records: dict[str, StageRecord]) -> tuple[dict[s
     return {name: records[name].digest for name in names}, {name: records[name].outputs for name in names}
 
 
+def log_path(stage_dir: StageDir) -> Path:
+    """The stage's log file: beside `work/`, which goes when the stage completes; a resumed attempt appends."""
+    stage_dir.root.mkdir(parents=True, exist_ok=True)
+    return stage_dir.root / stage_log.FILE_NAME
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for package in _VERSIONED:
@@ -202,6 +208,7 @@ def _attempt(spec: StageSpec, stage_dir: StageDir, recipe: Callable[[StageContex
     tags = {"rlhf.stage": spec.stage, "rlhf.fingerprint": spec.fingerprint, "rlhf.pipeline": spec.pipeline_name}
     started_at = datetime.now(timezone.utc)
     started = time.monotonic()
+    log_file = log_path(stage_dir)
     try:
         with tracking.stage_run(spec.experiment, spec.parent_run, spec.stage, resume, tags) as run_id:
             stage_dir.work.mkdir(parents=True, exist_ok=True)
@@ -224,7 +231,8 @@ def _attempt(spec: StageSpec, stage_dir: StageDir, recipe: Callable[[StageContex
             from rlhf.seeding import seed_everything
 
             seed_everything(spec.pipeline.seed)  # heads and adapters are initialised before any trainer seeds
-            result = recipe(context)
+            with stage_log.capture(log_file), progress.stage_display(spec.stage):
+                result = recipe(context)
             seconds = time.monotonic() - started
             manifest = {
                 "pipeline": spec.pipeline_name,
@@ -245,13 +253,15 @@ def _attempt(spec: StageSpec, stage_dir: StageDir, recipe: Callable[[StageContex
                 "versions": versions(),
             }
             mlflow.log_dict(manifest, "manifest.json")
+            mlflow.log_artifact(str(log_file))
             mlflow.log_metric("stage_seconds", seconds)
             stage_dir.complete(manifest)
     except InputError:
         raise
     except Exception as exc:
         raise StageFailed(
-            f"stage '{spec.stage}' failed: {type(exc).__name__}: {exc}; partial work kept in {stage_dir.work}"
+            f"stage '{spec.stage}' failed: {type(exc).__name__}: {exc}; partial work kept in {stage_dir.work}, "
+            f"its log in {log_file}"
         ) from exc
     action = "resumed" if resume else "ran"
     log.info("%s: %s in %.1fs -> %s", spec.stage, action, seconds, stage_dir.root)

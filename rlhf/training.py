@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
+from rlhf import progress, stage_log
 from rlhf.config import Lora, Training
 
 log = logging.getLogger("rlhf")
@@ -45,11 +47,34 @@ def _typed_arguments(config: Training, seed: int, output_dir: Path, workers: int
         data_seed=seed,
         use_cpu=not on_gpu,
         bf16=config.precision == "bf16",  # autocast: the weights and optimizer state stay fp32
-        gradient_checkpointing=config.gradient_checkpointing,
+        **{_CHECKPOINTING: config.gradient_checkpointing},
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         dataloader_num_workers=0,
-        disable_tqdm=True,  # progress goes to the log as lines, which Prefect keeps
+        disable_tqdm=True,  # the stage's progress display shows the steps (`StageProgress`)
     )
+
+
+def _checkpointing_argument() -> str:
+    """transformers renamed `gradient_checkpointing` (deprecated from 5.2x on, warning at every trainer)."""
+    from transformers import TrainingArguments
+
+    return "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
+
+
+_CHECKPOINTING = _checkpointing_argument()
+
+
+class StageProgress(TrainerCallback):
+    """The trainer's steps to the stage's progress display, its raw log lines to the stage's log file."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+            progress.report("training", state.global_step, state.max_steps, **({"loss": losses[-1]} if losses else {}))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            stage_log.detail.info("step %d: %s", state.global_step, logs)
 
 
 def check_trainer_args(config_class: str, extra: dict) -> None:

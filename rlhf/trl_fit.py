@@ -72,6 +72,10 @@ _FITTED = "fitted.json"  # how rank 0 hands its figures to the driver
 
 
 def _train(trainer, tokenizer, checkpoint: str | None, resumed_from_step: int, outputs: Path) -> Fitted:
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # its raw dicts go to the stage's log instead
+    trainer.add_callback(training.StageProgress())
     result = trainer.train(resume_from_checkpoint=checkpoint)
     final = trainer.evaluate()
     if trainer.is_world_process_zero():

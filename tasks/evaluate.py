@@ -45,7 +45,9 @@ def evaluate_policies(ctx: StageContext) -> StageResult:
     policies = {base: models.load_causal_lm(start), "ppo": models.load_causal_lm(ppo_dir / "model")}
     results = {}
     for name, policy in policies.items():
-        responses, ended = generation.sample(policy, tokenizer, prompts, config.max_new_tokens, config.temperature, ctx.seed)
+        responses, ended = generation.sample(
+            policy, tokenizer, prompts, config.max_new_tokens, config.temperature, ctx.seed, phase=f"sampling {name}"
+        )
         raw = generation.score(reward_model, reward_tokenizer, prompts, responses, max_length=None)
         results[name] = {
             "responses": responses,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rlhf import generation, gold, models
+from rlhf import generation, gold, models, progress
 from rlhf.config import Lora, PpoStage
 from rlhf.data.formats import text_of
 from rlhf.generation import render
@@ -206,6 +206,8 @@ def train_loop(config: dict) -> None:
 
         if rank == 0:
             logger.log(metrics, iteration + 1)
+            progress.report("iterations", iteration + 1, ppo.iterations, score=metrics["score"], kl=metrics["kl"],
+                            **({"gold": metrics["gold"]} if "gold" in metrics else {}))
             print(
                 f"ppo {iteration + 1}/{ppo.iterations}: score {metrics['score']:+.3f}"
                 + (f" gold {metrics['gold']:+.3f}" if "gold" in metrics else "")
