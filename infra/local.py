@@ -59,9 +59,9 @@ class Local:
 
     def password(self) -> str:
         path = self.dir / "postgres.password"
-        if not path.exists():
-            path.write_text(secrets.token_urlsafe(18))
-            path.chmod(0o600)
+        if not path.exists():  # created readable by its owner only, never for a moment by others
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+                handle.write(secrets.token_urlsafe(18))
         return path.read_text().strip()
 
     def exports(self) -> dict[str, str]:

@@ -1,20 +1,37 @@
-"""The pipeline run's `report.md` (parent MLflow run) and the evaluation lines of the CLI summary."""
+"""The pipeline run's parent MLflow run (`report.md` as its description, headline metrics) and the evaluation lines of the CLI summary."""
 
 from __future__ import annotations
 
 import json
+import time
 
 from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from rlhf.stages import StageRecord
 
 
+def _evaluation(records: list[StageRecord]) -> dict[str, float]:
+    found = [r for r in records if r.stage == "evaluate"]
+    return json.loads((found[0].outputs / "evaluation.json").read_text())["metrics"] if found else {}
+
+
+def headline_metrics(records: list[StageRecord]) -> dict[str, float]:
+    """What the parent run carries, so the runs table compares pipeline runs: each stage's headline and
+    seconds (in this run: a reused stage takes about none), and the evaluation's gains, win rates and KL."""
+    metrics = {f"{r.stage}.seconds": r.seconds for r in records}
+    metrics |= {f"{r.stage}.{r.headline[0]}": r.headline[1] for r in records if r.headline}
+    evaluation = _evaluation(records)
+    shown = ("gold_gain", "win_rate_gold", "score_gain", "win_rate_score", "kl_to_sft", "kl_to_start")
+    return metrics | {f"evaluate.{name}": evaluation[name] for name in shown if name in evaluation}
+
+
 def evaluation_lines(records: list[StageRecord], pipeline: str) -> list[str]:
     """Win rate, gold delta, KL, hacking warning and registered version, when the run evaluated."""
-    found = [r for r in records if r.stage == "evaluate"]
-    if not found:
+    m = _evaluation(records)
+    if not m:
         return []
-    m = json.loads((found[0].outputs / "evaluation.json").read_text())["metrics"]
     base = "sft" if "kl_to_sft" in m else "start"
     shown = "SFT" if base == "sft" else "start"
     lines = []
@@ -53,4 +70,8 @@ def log_report(parent_run: str, pipeline: str, tags: dict[str, str], records: li
         f"{rows}\n"
         + (f"\n## Evaluation\n\n{evaluation}\n" if evaluation else "")
     )
-    MlflowClient().log_text(parent_run, text, "report.md")
+    client = MlflowClient()
+    client.log_text(parent_run, text, "report.md")
+    client.set_tag(parent_run, MLFLOW_RUN_NOTE, text)  # the run's description on the dashboard
+    now = int(time.time() * 1000)
+    client.log_batch(parent_run, metrics=[Metric(name, value, now, 0) for name, value in headline_metrics(records).items()])

@@ -34,14 +34,22 @@ def configure(home: Path) -> str:
     return uri
 
 
+# MLflow 3's UI opens experiments in its GenAI view unless told otherwise: by this experiment tag
+# in the versions that read it, by the link's query in those that keep the choice per browser
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def experiment_id(name: str, home: Path) -> str:
-    """Get or create the experiment; a local store keeps its artifacts under the home."""
+    """Get or create the experiment (marked for the model-training view); a local store keeps its artifacts under the home."""
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
+        if KIND_TAG not in found.tags:
+            MlflowClient().set_experiment_tag(found.experiment_id, KIND_TAG, MODEL_TRAINING)
         return found.experiment_id
     location = (home.resolve() / "mlartifacts" / name).as_uri() if is_local(mlflow.get_tracking_uri()) else None
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location, tags={KIND_TAG: MODEL_TRAINING})
     except MlflowException:  # another process created it first
         return mlflow.get_experiment_by_name(name).experiment_id
 
@@ -49,7 +57,7 @@ def experiment_id(name: str, home: Path) -> str:
 def run_link(experiment: str, run_id: str) -> str:
     uri = mlflow.get_tracking_uri()
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}?{TRAINING_VIEW}"
 
 
 def git_commit(directory: Path) -> str:

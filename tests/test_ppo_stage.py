@@ -1,6 +1,7 @@
 """PPO through the real CLI, Prefect flow, Ray Train (2 workers, gloo) and MLflow store, at tiny scale."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -54,6 +55,15 @@ def test_full_pipeline_with_two_ray_workers(reference):
                 "learning_rate", "non_score_reward", "seconds_generate", "seconds_score", "seconds_train", "seconds_iteration"):
         assert all(key in h for h in steps), key
     assert [h["iteration"] for h in steps if "seconds_setup" in h] == [1]  # set-up is timed once per (re)start
+    assert all(math.isfinite(value) for h in steps for value in h.values())
+    first = steps[0]
+    assert abs(first["kl"]) < 1e-4  # the LoRA policy starts as the reference
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=0.05) and first["approx_kl"] < 0.01  # a few small steps
+    for key in ("policy_clip_fraction", "value_clip_fraction"):
+        assert all(0 <= h[key] <= 1 for h in steps), key
+    assert any(h["policy_clip_fraction"] > 0 for h in steps)  # the clipping is exercised, not dead code
+    early, late = (sum(h["score"] for h in part) / len(part) for part in (steps[:5], steps[-5:]))
+    assert late > early + 0.2, (early, late)  # PPO raises the reward model's score
     outputs = Path(manifest["outputs"]["path"])
     for name in ("adapter/adapter_config.json", "model/config.json", "model/tokenizer_config.json", "critic/config.json"):
         assert (outputs / name).exists(), name
@@ -100,6 +110,22 @@ def test_evaluation_pictures_report_and_registered_policy(reference):
     assert Cli(project, home)("promote", PIPELINE, "7").returncode == 2
 
 
+def test_a_candidate_that_fails_the_gate_is_not_registered(reference):
+    project, reference_home = reference
+    home = project / "home-gates"
+    shutil.copytree(reference_home, home)
+    done = Cli(project, home)("run", PIPELINE, "--only", "evaluate", "--set", "stages.evaluate.registry.max_kl=0.0001")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "not registered (gates not met)" in done.stdout
+    manifests = [json.loads(p.read_text()) for p in (home / "runs" / PIPELINE / "evaluate").glob("*/manifest.json")]
+    [rerun] = [m for m in manifests if m["config"]["registry"]["max_kl"] == 0.0001]
+    assert rerun["metrics"]["registered_version"] == 0 and rerun["metrics"]["kl_to_sft"] > 0.0001
+    mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
+    client = mlflow.MlflowClient()
+    assert [v.version for v in client.search_model_versions(f"name='{PIPELINE}-policy'")] == ["1"]  # the reference run's
+    assert client.get_run(rerun["mlflow_run_id"]).data.tags["rlhf.registered"] == "false"
+
+
 def test_sigkill_during_ppo_resumes_to_the_same_history(reference):
     project, reference_home = reference
     cli = Cli(project, upstream_done(reference_home, project / "home-killed"))
@@ -134,3 +160,57 @@ def test_a_killed_worker_is_restarted_and_the_stage_completes(reference):
     steps = history(cli.home)
     assert [h["iteration"] for h in steps] == list(range(1, 81))
     assert max(h["restored_from"] for h in steps) >= 5  # the worker group restarted from a checkpoint
+
+
+def test_the_dashboard_shows_the_run_through_the_rest_api(reference):
+    """`rlhf ui` over the home: the parent run's headline metrics and description, the experiment's view,
+    each stage's log, read as the browser reads them; stopping it stops every process it started."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    project, home = reference
+    evaluation = json.loads(next((home / "runs" / PIPELINE / "evaluate").glob("*/manifest.json")).read_text())
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "rlhf", "--home", str(home), "ui", "--port", str(port)], cwd=project,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=Cli.env())
+    api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def up() -> bool:
+        try:
+            return requests.get(f"{api}/experiments/search?max_results=10", timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_for(up, 120, "the MLflow UI")
+        started = psutil.Process(ui.pid).children(recursive=True)
+        experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "tests-ppo"}).json()["experiment"]
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+        parent_id = client_parent(home, evaluation["mlflow_run_id"])
+        parent = requests.get(f"{api}/runs/get", params={"run_id": parent_id}).json()["run"]["data"]
+        metrics = {m["key"]: m["value"] for m in parent["metrics"]}
+        tags = {t["key"]: t["value"] for t in parent["tags"]}
+        for stage in ("data", "sft", "reward", "ppo", "evaluate"):
+            assert metrics[f"{stage}.seconds"] > 0, stage
+        for name in ("gold_gain", "win_rate_gold", "win_rate_score", "kl_to_sft"):
+            assert metrics[f"evaluate.{name}"] == pytest.approx(evaluation["metrics"][name]), name
+        assert 0 <= metrics["reward.eval_accuracy"] <= 1 and metrics["sft.eval_loss"] > 0
+        assert tags["mlflow.note.content"].startswith(f"# Pipeline `{PIPELINE}`") and "| evaluate | ran |" in tags["mlflow.note.content"]
+        artifacts = requests.get(f"{api}/artifacts/list", params={"run_id": ppo_manifest(home)["mlflow_run_id"]}).json()
+        assert "stage.log" in [f["path"] for f in artifacts["files"]]
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=60)
+    time.sleep(1)
+    assert len(started) >= 2 and not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def client_parent(home: Path, run_id: str) -> str:
+    mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
+    return mlflow.MlflowClient().get_run(run_id).data.tags["mlflow.parentRunId"]

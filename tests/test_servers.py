@@ -32,6 +32,7 @@ def servers():
     up = subprocess.run([ROOT / "infra" / "local-up", "--dir", directory], capture_output=True, text=True, env=env, timeout=600)
     try:
         assert up.returncode == 0, up.stderr[-3000:]
+        assert (directory / "postgres.password").stat().st_mode & 0o777 == 0o600  # the generated password
         exports = dict(re.findall(r"^export (\w+)=(\S+)$", up.stdout, re.M))
         assert exports == dict(re.findall(r"^export (\w+)=(\S+)$", (directory / "env").read_text(), re.M))
         yield exports
