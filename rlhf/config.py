@@ -115,6 +115,7 @@ class PretrainedModel(Strict):
     gguf_file: str | None = Field(None, description="a GGUF file in `path`, dequantised once and cached under the home")
     revision: str | None = None
     trust_remote_code: bool = False
+    pickled_weights: bool = Field(False, description="also load *.bin weights (torch pickles, which can run code); safetensors only by default")
 
 
 ModelSource = Annotated[Union[ScratchModel, PretrainedModel], Field(discriminator="init")]

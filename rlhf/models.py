@@ -180,7 +180,7 @@ def _source_dir(config: PretrainedModel, where: str) -> Path:
     wanted = [*_HUB_FILES, config.gguf_file or "*.safetensors"]
     try:
         snapshot = Path(snapshot_download(config.path, revision=config.revision, allow_patterns=wanted))
-        if config.gguf_file is None and not any(snapshot.glob("*.safetensors")):  # older repos: pickled weights only
+        if config.gguf_file is None and config.pickled_weights and not any(snapshot.glob("*.safetensors")):  # older repos
             snapshot = Path(snapshot_download(config.path, revision=config.revision, allow_patterns=[*wanted, "*.bin"]))
     except Exception as exc:  # offline misses, unknown repos and bad ids all land here
         raise InputError(f"{where}.path: cannot load {config.path!r}: {exc}".replace("\n", " ")) from None
@@ -191,6 +191,13 @@ def _load(cls, source: Path, config: PretrainedModel, where: str):
     kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
     if config.gguf_file:
         kwargs["gguf_file"] = config.gguf_file
+    elif cls is not AutoTokenizer and not config.pickled_weights:
+        if not any(source.glob("*.safetensors")) and any(source.glob("*.bin")):
+            raise InputError(
+                f"{where}.path: {config.path!r} has only pickled weights (*.bin), and loading those can run code; "
+                f"convert them to safetensors, or set {where}.pickled_weights: true if you trust where they come from"
+            )
+        kwargs["use_safetensors"] = True
     try:
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -211,13 +218,14 @@ def load_tokenizer(directory: Path, padding_side: str = "right"):
     return tokenizer
 
 
+# Models this project saved, or a reward model a pipeline names: safetensors only, never pickles.
 def load_causal_lm(directory: Path):
-    return AutoModelForCausalLM.from_pretrained(directory)
+    return AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
 
 
 def load_reward_model(directory: Path):
     """A saved reward model (one output, pooling on its own padding token)."""
-    return AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1)
+    return AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, use_safetensors=True)
 
 
 def new_reward_model(base: Path):
@@ -230,7 +238,7 @@ def new_reward_model(base: Path):
     writes, or with a new one (its embedding grows by a row nobody samples).
     """
     tokenizer = load_tokenizer(base)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, use_safetensors=True)
     written = set(tokenizer.apply_chat_template(_PROBE, tokenize=True, return_dict=False))
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in written:
         spare = [t.content for i, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special and i not in written]

@@ -1,7 +1,11 @@
-"""The final policy as an MLflow model: a pyfunc that loads the merged policy and generates.
+"""The final policy as an MLflow model in the `transformers` flavour: a chat model, weights in safetensors.
 
 Logged by the PPO stage, registered as `<pipeline>-policy` by the evaluation
 when its gates pass (alias `candidate`), promoted to `champion` from the CLI.
+Loading it needs transformers, not this project, and runs no pickled code:
+
+    policy = mlflow.pyfunc.load_model("models:/demo-policy@champion")
+    policy.predict({"messages": [{"role": "user", "content": "..."}], "max_tokens": 40, "temperature": 1.0})
 """
 
 from __future__ import annotations
@@ -9,44 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-import pandas as pd
-from mlflow.models import infer_signature
-from mlflow.pyfunc import PythonModel
-
-PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-class PolicyModel(PythonModel):
-    """`predict` takes a frame with a `prompt` column and returns one generated response per row."""
-
-    def load_context(self, context) -> None:
-        from rlhf import models
-
-        self.tokenizer = models.load_tokenizer(Path(context.artifacts["policy"]))
-        self.model = models.load_causal_lm(Path(context.artifacts["policy"]))
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
-        from rlhf import generation
-
-        params = {"max_new_tokens": 40, "temperature": 1.0, "seed": 0, **(params or {})}
-        prompts = [[{"role": "user", "content": text}] for text in model_input["prompt"]]
-        responses, _ = generation.sample(
-            self.model, self.tokenizer, prompts, int(params["max_new_tokens"]), float(params["temperature"]), int(params["seed"])
-        )
-        return responses
-
-
-def log_policy(policy_dir: Path, example_prompt: str, example_response: str) -> str:
+def log_policy(policy_dir: Path, max_new_tokens: int) -> str:
     """Log the merged policy into the active run; returns the model URI."""
-    example = pd.DataFrame({"prompt": [example_prompt]})
-    info = mlflow.pyfunc.log_model(
+    from rlhf import models
+
+    model, tokenizer = models.load_causal_lm(policy_dir), models.load_tokenizer(policy_dir)
+    info = mlflow.transformers.log_model(
+        {"model": model, "tokenizer": tokenizer},
         name="policy",
-        python_model=PolicyModel(),
-        artifacts={"policy": str(policy_dir)},
-        code_paths=[str(PACKAGE_DIR)],
-        input_example=example,
-        signature=infer_signature(example, [example_response], params={"max_new_tokens": 40, "temperature": 1.0, "seed": 0}),
-        pip_requirements=[f"{p}=={_version(p)}" for p in ("torch", "transformers", "tokenizers", "pandas", "mlflow")],
+        task="llm/v1/chat",  # OpenAI-style chat requests, rendered with the policy's own chat template
+        model_config={"do_sample": True, "max_new_tokens": max_new_tokens},  # sampled, as the policy was trained
+        pip_requirements=[f"{p}=={_version(p)}" for p in ("torch", "transformers", "tokenizers", "mlflow")],
     )
     return info.model_uri
 

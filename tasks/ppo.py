@@ -64,8 +64,7 @@ def train_ppo(ctx: StageContext) -> StageResult:
     mlflow.log_dict(json.loads((final / "normalisation.json").read_text()), "ppo/normalisation.json")
 
     mlflow.log_figure(plots.ppo_curves(history), "plots/ppo_curves.png")
-    prompt = load_splits(data_dir / "prompts")["eval"]["prompt"][0][-1]["content"]
-    model_uri = registry.log_policy(ctx.outputs / "model", prompt, "A sampled response.")
+    model_uri = registry.log_policy(ctx.outputs / "model", config.max_new_tokens)
     (ctx.outputs / "mlflow_model.json").write_text(json.dumps({"model_uri": model_uri}))
 
     last = history[-1]

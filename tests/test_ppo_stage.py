@@ -5,6 +5,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -76,7 +78,6 @@ def test_full_pipeline_with_two_ray_workers(reference):
 
 def test_evaluation_pictures_report_and_registered_policy(reference):
     import matplotlib.image
-    import pandas as pd
 
     project, home = reference
     [path] = (home / "runs" / PIPELINE / "evaluate").glob("*/manifest.json")
@@ -101,9 +102,22 @@ def test_evaluation_pictures_report_and_registered_policy(reference):
     report = Path(client.download_artifacts(parent, "report.md")).read_text()
     assert "| evaluate | ran |" in report and evaluation["mlflow_run_id"] in report and "gold reward: SFT" in report
 
-    policy = mlflow.pyfunc.load_model(f"models:/{PIPELINE}-policy@candidate")
-    [review] = policy.predict(pd.DataFrame({"prompt": ["Write a review of the lamp."]}), params={"max_new_tokens": 12})
-    assert isinstance(review, str) and review.strip()
+    # the registered policy loads and chats in a process that cannot import this project
+    load = (
+        "import sys, json, mlflow\n"
+        "sys.modules.update(rlhf=None, flows=None, tasks=None)\n"
+        f"mlflow.set_tracking_uri('sqlite:///{home}/mlflow.db')\n"
+        f"policy = mlflow.pyfunc.load_model('models:/{PIPELINE}-policy@candidate')\n"
+        "request = {'messages': [{'role': 'user', 'content': 'Write a review of the lamp.'}], 'max_tokens': 12}\n"
+        "print(json.dumps(policy.predict(request)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", load], cwd="/", capture_output=True, text=True, timeout=300, env=Cli.env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    [answer] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["choices"][0]["message"]["content"].strip() and answer["usage"]["completion_tokens"] <= 12
+    logged = Path(mlflow.artifacts.download_artifacts(f"models:/{PIPELINE}-policy/1", dst_path=str(project / "policy")))
+    names = {p.name for p in logged.rglob("*") if p.is_file()}
+    assert "model.safetensors" in names and not [n for n in names if n.endswith((".pkl", ".bin", ".pt", ".pth"))], names
     promoted = Cli(project, home)("promote", PIPELINE, "1")
     assert promoted.returncode == 0, promoted.stderr
     assert str(client.get_model_version_by_alias(f"{PIPELINE}-policy", "champion").version) == "1"
@@ -166,8 +180,6 @@ def test_the_dashboard_shows_the_run_through_the_rest_api(reference):
     """`rlhf ui` over the home: the parent run's headline metrics and description, the experiment's view,
     each stage's log, read as the browser reads them; stopping it stops every process it started."""
     import socket
-    import subprocess
-    import sys
     import time
 
     import requests

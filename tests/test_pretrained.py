@@ -86,6 +86,22 @@ def test_a_tokenizer_without_eos_is_an_input_error(tiny, scratch_tokenizer, tmp_
         models.pretrained_dir(PretrainedModel(init="pretrained", path=str(source)), tmp_path / "home", "stages.sft.model")
 
 
+def test_pickled_weights_load_only_when_the_pipeline_says_it_trusts_them(tiny, scratch_tokenizer, tmp_path):
+    source = tmp_path / "base"
+    tiny.config.save_pretrained(source)
+    torch.save(tiny.state_dict(), source / "pytorch_model.bin")  # the format of older hub repos: a pickle
+    scratch_tokenizer.chat_template = None  # so the model is loaded to prepare it
+    scratch_tokenizer.save_pretrained(source)
+    refused = PretrainedModel(init="pretrained", path=str(source))
+    with pytest.raises(InputError, match=r"^stages.sft.model.path: .* has only pickled weights .*stages.sft.model.pickled_weights: true"):
+        models.pretrained_dir(refused, tmp_path / "home", "stages.sft.model")
+    trusted = PretrainedModel(init="pretrained", path=str(source), pickled_weights=True)
+    prepared = models.pretrained_dir(trusted, tmp_path / "home", "stages.sft.model")
+    assert (prepared / "model.safetensors").exists()  # and saved in the safe format from then on
+    loaded = models.load_causal_lm(prepared)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in tiny.state_dict().items())
+
+
 def test_a_models_generation_config_does_not_change_what_is_sampled(tiny, scratch_tokenizer):
     prompts = [PROMPT] * 4
     plain = generation.sample(tiny, scratch_tokenizer, prompts, 12, 1.0, seed=3)
