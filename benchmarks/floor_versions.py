@@ -1,12 +1,13 @@
 """Check the dependency floors of `pyproject.toml`: install every dependency at its floor, run a pipeline.
 
-Builds a venv (`--venv`, default /tmp/rlhf-floors) with each dependency pinned to
-the lowest version its range admits (`name>=X` -> `name==X`), installs this
-project into it without dependencies, and runs a tiny pipeline through every
-stage (data, SFT, reward, PPO on Ray, evaluation with the registered policy)
-with the real CLI. torch is the exception: its range is the project's given
-one, and the older torch builds on PyPI are CUDA builds of several GB, so the
-venv gets the torch the resolver picks (the local CPU build here).
+Builds a venv (`--venv`, default /tmp/rlhf-floors) with each library whose API
+the code calls pinned to its floor (`name>=X` -> `name==X`), installs this
+project into it without dependencies (not editable, as a user installs it),
+and runs a tiny pipeline through every stage (data, SFT, reward, PPO on Ray,
+evaluation and the registered policy) with the real CLI. The small utility
+libraries keep their ranges: their floors are set by what the pinned ones
+need, which pip settles. torch keeps its range too: it is the project's
+given one, and the older torch builds on PyPI are CUDA builds of several GB.
 
     .venv/bin/python benchmarks/floor_versions.py [--venv DIR]
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-UNPINNED = {"torch"}
+PINNED = {"transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "prefect", "ray", "mlflow", "typer", "pydantic"}
 PIPELINE = """
 default: floors
 pipelines:
@@ -67,14 +68,14 @@ pipelines:
 
 
 def floor_pins() -> list[str]:
-    """`name[extras]==X` for every dependency with a `>=X` floor (torch left to the resolver)."""
+    """`name[extras]==X` for the pinned libraries, the declared range for the others."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = []
     for text in project["dependencies"]:
         requirement = Requirement(text)
         floors = [spec.version for spec in requirement.specifier if spec.operator == ">="]
         extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
-        if requirement.name in UNPINNED or not floors:
+        if requirement.name not in PINNED or not floors:
             pins.append(text)
         else:
             pins.append(f"{requirement.name}{extras}=={floors[0]}")

@@ -232,6 +232,8 @@ def _attempt(spec: StageSpec, stage_dir: StageDir, recipe: Callable[[StageContex
 
             seed_everything(spec.pipeline.seed)  # heads and adapters are initialised before any trainer seeds
             with stage_log.capture(log_file), progress.stage_display(spec.stage):
+                stage_log.detail.info("%s: attempt started (%s, MLflow run %s)", spec.stage,
+                                      "resumed" if resume else "new", run_id)
                 result = recipe(context)
             seconds = time.monotonic() - started
             manifest = {

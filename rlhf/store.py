@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+
+log = logging.getLogger("rlhf")
 
 MANIFEST = "manifest.json"
 
@@ -71,10 +74,17 @@ class StageDir:
         return self.root / "work"
 
     def manifest(self) -> dict | None:
+        """The manifest of a complete stage; None when there is none, or when it is damaged (the stage runs again)."""
+        path = self.root / MANIFEST
         try:
-            return json.loads((self.root / MANIFEST).read_text())
+            manifest = json.loads(path.read_text())
+            manifest["outputs"]["digest"], manifest["metrics"], manifest["mlflow_run_id"]  # noqa: B018
         except FileNotFoundError:
             return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("%s is damaged (%s: %s): the stage counts as not run", path, type(exc).__name__, exc)
+            return None
+        return manifest
 
     def lock(self) -> FileLock:
         """One writer per stage directory; the lock file sits beside it so it survives cleanup."""

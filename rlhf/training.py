@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 
 from rlhf import progress, stage_log
 from rlhf.config import Lora, Training
+from rlhf.store import digest_tree
 
 log = logging.getLogger("rlhf")
 
@@ -115,18 +116,37 @@ def lora_config(lora: Lora | None, task_type: str, modules_to_save: list[str] | 
     )
 
 
-def resume_point(trainer_dir: Path) -> tuple[str | None, int]:
-    """The newest *complete* HF checkpoint in the work dir and its step (None, 0 when starting fresh).
+class SealCheckpoints(TrainerCallback):
+    """After the Trainer saves a checkpoint, record the digest of its files beside it (`checkpoint-N.sha256`)."""
 
-    The Trainer writes `trainer_state.json` last, so a checkpoint a crash cut
-    short has none (or a torn one) and is skipped.
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            for seal in Path(args.output_dir).glob(f"checkpoint-*{SEAL}"):  # of checkpoints the Trainer rotated out
+                if not seal.with_suffix("").is_dir():
+                    seal.unlink()
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            Path(f"{checkpoint}{SEAL}").write_text(digest_tree(checkpoint))
+
+
+SEAL = ".sha256"
+
+
+def resume_point(trainer_dir: Path) -> tuple[str | None, int]:
+    """The newest sound HF checkpoint in the work dir and its step (None, 0 when starting fresh).
+
+    A checkpoint counts when its files still have the digest recorded after it
+    was saved: one a crash cut short has no seal, and one damaged since (a
+    full disk, a truncated file) is reported and passed over for the one before.
     """
     complete = []
     for checkpoint in trainer_dir.glob("checkpoint-*") if trainer_dir.is_dir() else ():
-        try:
-            step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-        except (OSError, ValueError, KeyError):
+        seal = Path(f"{checkpoint}{SEAL}")
+        if not checkpoint.is_dir() or not seal.exists():
             continue
+        if seal.read_text() != digest_tree(checkpoint):
+            log.warning("%s is damaged: its files changed since it was saved; resuming from an earlier one", checkpoint)
+            continue
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
         complete.append((step, checkpoint))
     if not complete:
         return None, 0

@@ -76,6 +76,7 @@ def _train(trainer, tokenizer, checkpoint: str | None, resumed_from_step: int, o
 
     trainer.remove_callback(PrinterCallback)  # its raw dicts go to the stage's log instead
     trainer.add_callback(training.StageProgress())
+    trainer.add_callback(training.SealCheckpoints())
     result = trainer.train(resume_from_checkpoint=checkpoint)
     final = trainer.evaluate()
     if trainer.is_world_process_zero():

@@ -60,7 +60,7 @@ def test_full_pipeline_with_two_ray_workers(reference):
     assert all(math.isfinite(value) for h in steps for value in h.values())
     first = steps[0]
     assert abs(first["kl"]) < 1e-4  # the LoRA policy starts as the reference
-    assert first["ratio_mean"] == pytest.approx(1.0, abs=0.05) and first["approx_kl"] < 0.01  # a few small steps
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=0.05) and first["approx_kl"] < 0.1  # a few small steps
     for key in ("policy_clip_fraction", "value_clip_fraction"):
         assert all(0 <= h[key] <= 1 for h in steps), key
     assert any(h["policy_clip_fraction"] > 0 for h in steps)  # the clipping is exercised, not dead code
@@ -212,7 +212,7 @@ def test_the_dashboard_shows_the_run_through_the_rest_api(reference):
             assert metrics[f"{stage}.seconds"] > 0, stage
         for name in ("gold_gain", "win_rate_gold", "win_rate_score", "kl_to_sft"):
             assert metrics[f"evaluate.{name}"] == pytest.approx(evaluation["metrics"][name]), name
-        assert 0 <= metrics["reward.eval_accuracy"] <= 1 and metrics["sft.eval_loss"] > 0
+        assert metrics["reward.eval_accuracy"] > 0.55 and metrics["sft.eval_loss"] > 0
         assert tags["mlflow.note.content"].startswith(f"# Pipeline `{PIPELINE}`") and "| evaluate | ran |" in tags["mlflow.note.content"]
         artifacts = requests.get(f"{api}/artifacts/list", params={"run_id": ppo_manifest(home)["mlflow_run_id"]}).json()
         assert "stage.log" in [f["path"] for f in artifacts["files"]]

@@ -47,14 +47,28 @@ def test_complete_promotes_outputs_then_writes_manifest(tmp_path: Path):
     stage = StageDir.of(tmp_path, "p", "data", "abc")
     assert stage.manifest() is None
     (stage.new_outputs() / "f.txt").write_text("1")
-    stage.complete({"fingerprint": "abc"})
+    stage.complete(MANIFEST)
     assert (stage.outputs / "f.txt").read_text() == "1"
-    assert stage.manifest() == {"fingerprint": "abc"}
+    assert stage.manifest() == MANIFEST
     assert not stage.work.exists()
     # a forced rerun replaces the outputs it recomputed
     (stage.new_outputs() / "g.txt").write_text("2")
-    stage.complete({"fingerprint": "abc", "n": 2})
+    stage.complete(MANIFEST | {"n": 2})
     assert [p.name for p in stage.outputs.iterdir()] == ["g.txt"]
+
+
+MANIFEST = {"fingerprint": "abc", "outputs": {"digest": "d"}, "metrics": {"rows": 1.0}, "mlflow_run_id": "r"}
+
+
+@pytest.mark.parametrize("damage", [lambda text: text[: len(text) // 2], lambda text: "[]", lambda text: '{"fingerprint": "abc"}'])
+def test_a_damaged_manifest_counts_as_not_run_and_says_so(tmp_path: Path, caplog, damage):
+    stage = StageDir.of(tmp_path, "p", "data", "abc")
+    stage.new_outputs()
+    stage.complete(MANIFEST)
+    path = stage.root / "manifest.json"
+    path.write_text(damage(path.read_text()))
+    assert stage.manifest() is None
+    assert f"{path} is damaged" in caplog.text
 
 
 def test_lock_is_exclusive_across_holders(tmp_path: Path):

@@ -79,7 +79,7 @@ def _kill_after_first_checkpoint(cli, stage: str, *args: str) -> str:
     """Start a run, SIGKILL it once `stage` has a complete checkpoint; return that attempt's MLflow run id."""
     process = cli.start("run", "tiny-rlhf", *args)
     stage_dir = cli.home / "runs" / "tiny-rlhf" / stage
-    checkpoints = lambda: list(stage_dir.glob("*/work/trainer/checkpoint-*/trainer_state.json"))  # noqa: E731
+    checkpoints = lambda: list(stage_dir.glob("*/work/trainer/checkpoint-*.sha256"))  # noqa: E731  (sealed: complete)
     wait_for(lambda: checkpoints() or process.poll() is not None, 600, f"a {stage} checkpoint")
     assert process.poll() is None, process.log.read_text()[-3000:]
     kill_group(process)
@@ -132,8 +132,11 @@ def test_sft_on_ray_train_killed_after_a_checkpoint_resumes_in_the_same_mlflow_r
     rerun = cli("run", "tiny-rlhf", *on_ray, "--only", "sft", timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert actions(rerun.stdout) == {"data": "reused", "sft": "resumed"}
-    assert re.search(r"resuming from .*/work/ray/sft-\w+/checkpoint_", rerun.stdout + rerun.stderr)
-    assert set(re.findall(r"sft-\w+: worker (\d) of 2", rerun.stdout + rerun.stderr)) == {"0", "1"}
+    # what Ray's workers print goes to the stage's log, not the console; the log has a part per attempt
+    rerun_log = next(stage_dir.glob("*/stage.log")).read_text().split("attempt started")[-1]
+    assert re.search(r"resuming from .*/work/ray/sft-\w+/checkpoint_", rerun_log)
+    assert set(re.findall(r"sft-\w+: worker (\d) of 2", rerun_log)) == {"0", "1"}
+    assert "worker 0 of 2" not in rerun.stdout + rerun.stderr
     resumed = manifest(cli.home, "sft")
     assert resumed["mlflow_run_id"] == crashed_run
     assert resumed["metrics"]["resumed_from_step"] >= 5 and resumed["metrics"]["train_steps"] == 60

@@ -1,0 +1,42 @@
+"""Resume picks the newest checkpoint whose files still match the seal written when it was saved."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from rlhf import training
+
+
+def save(trainer_dir: Path, step: int, seal: bool = True) -> Path:
+    checkpoint = trainer_dir / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if seal:
+        args, state = SimpleNamespace(output_dir=str(trainer_dir)), SimpleNamespace(is_world_process_zero=True, global_step=step)
+        training.SealCheckpoints().on_save(args, state, None)
+    return checkpoint
+
+
+def test_a_damaged_or_unsealed_checkpoint_is_passed_over_for_the_one_before(tmp_path, caplog):
+    trainer_dir = tmp_path / "trainer"
+    assert training.resume_point(trainer_dir) == (None, 0)
+    save(trainer_dir, 5)
+    newest = save(trainer_dir, 10)
+    save(trainer_dir, 15, seal=False)  # a crash between saving and sealing
+    assert training.resume_point(trainer_dir) == (str(newest), 10)
+
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk
+    assert training.resume_point(trainer_dir) == (str(trainer_dir / "checkpoint-5"), 5)
+    assert f"{newest} is damaged" in caplog.text
+
+
+def test_seals_of_checkpoints_the_trainer_rotated_out_go_with_them(tmp_path):
+    trainer_dir = tmp_path / "trainer"
+    old = save(trainer_dir, 5)
+    for path in old.iterdir():
+        path.unlink()
+    old.rmdir()
+    save(trainer_dir, 10)
+    assert sorted(p.name for p in trainer_dir.glob("*.sha256")) == ["checkpoint-10.sha256"]
