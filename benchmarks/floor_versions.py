@@ -100,10 +100,12 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "RAY_ADDRESS"))}
         run = subprocess.run([str(args.venv / "bin" / "rlhf"), "--home", f"{work}/home", "run"], cwd=work,
                              env=env | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1800)
+        lost = subprocess.run([str(args.venv / "bin" / "rlhf"), "list"], cwd=f"{work}/home", capture_output=True, text=True)
     print(run.stdout[-4000:])
     if run.returncode != 0:
         print(run.stderr[-6000:])
         sys.exit(f"floors: the pipeline failed with exit {run.returncode}")
+    print(f"with no pipelines.yaml around: exit {lost.returncode}, {lost.stderr.strip()}")
     print("floors: ok")
 
 

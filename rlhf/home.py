@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rlhf.errors import InputError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -13,9 +15,14 @@ def resolve(home: str | Path | None) -> Path:
 
 
 def default_config() -> Path:
-    """`./pipelines.yaml` when there is one, else the project's own."""
-    local = Path("pipelines.yaml")
-    return local if local.exists() else PROJECT_ROOT / "pipelines.yaml"
+    """`./pipelines.yaml` when there is one, else the project's own (in a clone, or an editable install)."""
+    for candidate in (Path("pipelines.yaml"), PROJECT_ROOT / "pipelines.yaml"):
+        if candidate.exists():
+            return candidate
+    raise InputError(
+        f"no pipelines.yaml in the working directory ({Path.cwd()}) or in the project ({PROJECT_ROOT}); "
+        "give one with --config FILE"
+    )
 
 
 def prepare(home: Path) -> None:

@@ -55,11 +55,11 @@ pipelines:
         logging_steps: 5
         samples: 4
         max_new_tokens: 24
-      reward: &reward
+      reward:
         pairs: {source: policy, count: 64, eval_count: 24, min_gold_gap: 0.25, max_new_tokens: 24}
-        learning_rate: 0.001
+        learning_rate: 0.005
         batch_size: 8
-        max_steps: 24
+        max_steps: 48
         eval_steps: 8
         save_steps: 4
         logging_steps: 4
@@ -73,12 +73,9 @@ pipelines:
       num_workers: 2
     stages:
       <<: *train
-      # trained enough that the reward model tells samples apart (held-out accuracy ~0.7) and PPO
-      # raises its score within 30 iterations
-      sft: {<<: *sft, max_steps: 60}
-      reward: {<<: *reward, learning_rate: 0.005, max_steps: 48}
+      sft: {<<: *sft, max_steps: 60}  # samples the reward model tells apart (held-out accuracy ~0.7)
       ppo:
-        learning_rate: 0.003
+        learning_rate: 0.003  # PPO raises the reward model's score within the 30 iterations
         iterations: 30
         batch_size: 8
         minibatches: 2
