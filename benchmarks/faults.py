@@ -13,6 +13,8 @@ Cases, each on its own home under `--work` (default /tmp/rlhf-faults):
 - damaged manifest: the SFT manifest cut in half, then a rerun.
 - damaged checkpoint: SFT killed after its second checkpoint, the newest
   checkpoint's weights cut in half, then a rerun.
+- server loss: an MLflow (or Prefect) server the run uses is killed while
+  SFT trains; what the run does, what survives, and a rerun once it is back.
 
     .venv/bin/python benchmarks/faults.py [--kills 20] [--seed 0] [--work DIR]
 """
@@ -81,14 +83,14 @@ def env() -> dict[str, str]:
         "HF_HUB_OFFLINE": "1"}
 
 
-def run(project: Path, home: Path, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-    return subprocess.run([RLHF, "--home", str(home), "run", *args], cwd=project, env=env(), capture_output=True,
-                          text=True, timeout=timeout)
+def run(project: Path, home: Path, *args: str, timeout: float = 1800, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([RLHF, "--home", str(home), "run", *args], cwd=project, env=env() | extra,
+                          capture_output=True, text=True, timeout=timeout)
 
 
-def start(project: Path, home: Path, log: Path) -> subprocess.Popen:
+def start(project: Path, home: Path, log: Path, **extra: str) -> subprocess.Popen:
     with log.open("w") as out:
-        return subprocess.Popen([RLHF, "--home", str(home), "run"], cwd=project, env=env(), stdout=out,
+        return subprocess.Popen([RLHF, "--home", str(home), "run"], cwd=project, env=env() | extra, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -129,6 +131,10 @@ def actions(stdout: str) -> dict[str, str]:
     return found
 
 
+# metrics of the machine or of the attempt, not of the result (train_loss: the mean over this attempt's steps)
+BOOKKEEPING = ("seconds", "rss", "per_second", "registered", "resumed_from", "restored_from", "train_loss")
+
+
 def compare(home: Path, reference: dict[str, dict]) -> list[str]:
     """Stages whose output digest or metrics differ from the reference's."""
     got = manifests(home)
@@ -139,7 +145,7 @@ def compare(home: Path, reference: dict[str, dict]) -> list[str]:
             differing.append(f"{stage} (missing)")
             continue
         same_metrics = all(abs(mine["metrics"].get(k, float("nan")) - v) <= 1e-6 * max(1, abs(v))
-                           for k, v in theirs["metrics"].items() if not k.startswith(("seconds", "peak_rss", "tokens_per", "response_tokens_per", "registered")))
+                           for k, v in theirs["metrics"].items() if not any(t in k for t in BOOKKEEPING))
         if mine["outputs"]["digest"] != theirs["outputs"]["digest"] or not same_metrics:
             differing.append(stage if same_metrics else f"{stage} (metrics)")
     return differing
@@ -254,12 +260,68 @@ def damaged_checkpoint(project: Path, work: Path, reference_home: Path, referenc
             "actions": actions(again.stdout), "differing": compare(home, reference)}
 
 
+def server_loss(project: Path, work: Path, reference_home: Path, reference: dict, which: str) -> dict:
+    """The tracking (MLflow) or orchestration (Prefect) server stops while SFT trains, then comes back."""
+    import socket
+
+    home = work / f"{which}-loss"
+    upstream_of(reference_home, "sft", home)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    url = f"http://127.0.0.1:{port}"
+    bin_dir = Path(sys.executable).parent
+    if which == "mlflow":
+        command = [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home}/server.db",
+                   "--default-artifact-root", str(home / "server-artifacts"), "--host", "127.0.0.1", "--port", port,
+                   "--workers", "1"]
+        server_env, client = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, {"MLFLOW_TRACKING_URI": url}
+    else:
+        command = [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port]
+        server_env, client = {"PREFECT_HOME": str(home / "prefect-server")}, {"PREFECT_API_URL": f"{url}/api"}
+
+    def serve() -> subprocess.Popen:
+        server = subprocess.Popen(command, env=env() | server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        import urllib.request
+
+        def up() -> bool:
+            try:
+                return urllib.request.urlopen(f"{url}/{'health' if which == 'mlflow' else 'api/health'}", timeout=2).status == 200
+            except OSError:
+                return False
+
+        assert wait_for(up, 180), f"{which} server did not start"
+        return server
+
+    server = serve()
+    process = start(project, home, work / f"{which}-loss.log", **client)
+    sft = home / "runs" / NAME / "sft"
+    wait_for(lambda: any(sft.glob("*/work/trainer/checkpoint-*.sha256")) or process.poll() is not None, 900)
+    stopped = time.monotonic()
+    kill(server)
+    code = process.wait(timeout=1800)
+    after = round(time.monotonic() - stopped)
+    lines = (work / f"{which}-loss.log").read_text().strip().splitlines()
+    kept = sorted(p.name for p in sft.glob("*/work/trainer/checkpoint-*") if p.is_dir())
+    server = serve()
+    try:
+        again = run(project, home, **client)
+    finally:
+        kill(server)
+    return {"exit": code, "seconds after the stop": after, "last line": lines[-1][:300] if lines else "",
+            "tracebacks": sum("Traceback" in line for line in lines), "checkpoints kept": kept,
+            "rerun exit": again.returncode, "rerun actions": actions(again.stdout),
+            "differing": compare(home, reference) if again.returncode == 0 else ["rerun failed"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/rlhf-faults"))
-    parser.add_argument("--cases", nargs="+", default=["kill", "concurrent", "disk-full", "manifest", "checkpoint"])
+    parser.add_argument("--cases", nargs="+",
+                        default=["kill", "concurrent", "disk-full", "manifest", "checkpoint", "mlflow", "prefect"])
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     project = args.work / "project"
@@ -291,6 +353,10 @@ def main() -> None:
             arguments = (project, args.work, reference) if case == "concurrent" else (project, args.work, reference_home, reference)
             results[case] = function(*arguments)
             print(case, json.dumps(results[case]), flush=True)
+    for which in ("mlflow", "prefect"):
+        if which in args.cases:
+            results[f"{which} server loss"] = server_loss(project, args.work, reference_home, reference, which)
+            print(which, json.dumps(results[f"{which} server loss"]), flush=True)
     print(json.dumps(results, indent=2))
     (args.work / "faults.json").write_text(json.dumps(results, indent=2))
 

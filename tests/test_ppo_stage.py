@@ -136,7 +136,7 @@ def test_a_candidate_that_fails_the_gate_is_not_registered(reference):
     assert rerun["metrics"]["registered_version"] == 0 and rerun["metrics"]["kl_to_sft"] > 0.0001
     mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
     client = mlflow.MlflowClient()
-    assert [v.version for v in client.search_model_versions(f"name='{PIPELINE}-policy'")] == ["1"]  # the reference run's
+    assert [int(v.version) for v in client.search_model_versions(f"name='{PIPELINE}-policy'")] == [1]  # the reference run's
     assert client.get_run(rerun["mlflow_run_id"]).data.tags["rlhf.registered"] == "false"
 
 
