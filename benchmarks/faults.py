@@ -22,6 +22,7 @@ Cases, each on its own home under `--work` (default /tmp/rlhf-faults):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -131,12 +132,34 @@ def actions(stdout: str) -> dict[str, str]:
     return found
 
 
-# metrics of the machine or of the attempt, not of the result (train_loss: the mean over this attempt's steps)
-BOOKKEEPING = ("seconds", "rss", "per_second", "registered", "resumed_from", "restored_from", "train_loss")
+# metrics of the machine or of the attempt, not of the result (train_loss: the mean over this attempt's steps),
+# and the path of an adapter's base model, which names the home
+BOOKKEEPING = ("seconds", "rss", "per_second", "registered", "resumed_from", "restored_from", "train_loss", "base_model")
+
+
+def result_digest(outputs: Path) -> str:
+    """The outputs' digest without what differs on every run or home: the logged model's id, peft's adapter
+    README (it names the base model's path), and in JSON files the bookkeeping keys (the PPO history's
+    per-iteration seconds, the evaluation's registered version, the adapter's base path)."""
+    hasher = hashlib.sha256()
+    for path in sorted(p for p in outputs.rglob("*") if p.is_file() and p.name not in ("mlflow_model.json", "README.md")):
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            data = json.dumps(_without_bookkeeping(json.loads(data)), sort_keys=True).encode()
+        hasher.update(str(path.relative_to(outputs)).encode() + b"\0" + data + b"\0")
+    return hasher.hexdigest()
+
+
+def _without_bookkeeping(value):
+    if isinstance(value, dict):
+        return {k: _without_bookkeeping(v) for k, v in value.items() if not any(t in k for t in BOOKKEEPING)}
+    if isinstance(value, list):
+        return [_without_bookkeeping(v) for v in value]
+    return value
 
 
 def compare(home: Path, reference: dict[str, dict]) -> list[str]:
-    """Stages whose output digest or metrics differ from the reference's."""
+    """Stages whose results (outputs without bookkeeping, metrics) differ from the reference's."""
     got = manifests(home)
     differing = []
     for stage in STAGES:
@@ -146,7 +169,8 @@ def compare(home: Path, reference: dict[str, dict]) -> list[str]:
             continue
         same_metrics = all(abs(mine["metrics"].get(k, float("nan")) - v) <= 1e-6 * max(1, abs(v))
                            for k, v in theirs["metrics"].items() if not any(t in k for t in BOOKKEEPING))
-        if mine["outputs"]["digest"] != theirs["outputs"]["digest"] or not same_metrics:
+        same_outputs = result_digest(Path(mine["outputs"]["path"])) == result_digest(Path(theirs["outputs"]["path"]))
+        if not same_outputs or not same_metrics:
             differing.append(stage if same_metrics else f"{stage} (metrics)")
     return differing
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import shutil
 from collections.abc import Iterable
@@ -111,10 +112,30 @@ def provision(config: ScratchModel | PretrainedModel, texts: Iterable[str], seed
     if not (into / "config.json").exists():
         tokenizer = train_tokenizer(texts, config.vocab_size)
         model = build_model(config, tokenizer, seed)
-        into.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(into)
-        tokenizer.save_pretrained(into)
+        _save_whole(model, tokenizer, into)
     return into
+
+
+def save_adapter(model, into: Path) -> None:
+    """A peft adapter, its config byte-stable: peft writes `target_modules` from a set, in an order that
+    changes with each process's hash seed, and the stage's output digest would change with it."""
+    model.save_pretrained(into)
+    path = into / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _save_whole(model, tokenizer, into: Path) -> None:
+    """Save into a sibling and rename: a crash leaves the model complete or absent, never half written."""
+    partial = into.with_name(into.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(into, ignore_errors=True)  # what an older, interrupted attempt left
+    partial.rename(into)
 
 
 def pretrained_dir(config: PretrainedModel, home: Path, where: str) -> Path:
@@ -158,11 +179,7 @@ def _prepare(source: Path, config: PretrainedModel, where: str, into: Path) -> N
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    partial = into.with_name(into.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(into)  # complete or absent, never half written
+    _save_whole(model, tokenizer, into)
 
 
 def _source_dir(config: PretrainedModel, where: str) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from rlhf import progress, stage_log
+from rlhf import models, progress, stage_log
 from rlhf.config import Lora, Training
 from rlhf.store import digest_tree
 
@@ -179,7 +179,7 @@ def save_policy(trainer, tokenizer, outputs: Path) -> None:
     """The trained model with its tokenizer; a LoRA adapter is kept and also merged into the base."""
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(outputs / "adapter")
+        models.save_adapter(model, outputs / "adapter")
         model = model.merge_and_unload()
     model.save_pretrained(outputs / "model")
     tokenizer.save_pretrained(outputs / "model")

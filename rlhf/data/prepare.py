@@ -118,8 +118,10 @@ def write_splits(parts: dict[str, list[dict]], directory: Path) -> None:
     import pyarrow.parquet as pq
 
     directory.mkdir(parents=True, exist_ok=True)
-    for name, examples in parts.items():
-        pq.write_table(pa.Table.from_pylist(examples), directory / f"{name}.parquet")
+    for name, examples in parts.items():  # each file whole or absent: a resumed stage trusts the ones it finds
+        partial = directory / f".{name}.parquet.partial"
+        pq.write_table(pa.Table.from_pylist(examples), partial)
+        partial.rename(directory / f"{name}.parquet")
 
 
 def load_splits(directory: Path):

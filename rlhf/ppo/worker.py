@@ -507,7 +507,7 @@ def _report(metrics: dict, state: dict, policy, critic, tokenizer, rank: int, la
     with tempfile.TemporaryDirectory() as directory:
         torch.save(state, Path(directory) / "state.pt")
         if last:
-            policy.save_pretrained(Path(directory) / "adapter")
+            models.save_adapter(policy, Path(directory) / "adapter")
             critic_model = critic.merge_and_unload() if hasattr(critic, "merge_and_unload") else critic
             critic_model.save_pretrained(Path(directory) / "critic")
             tokenizer.save_pretrained(Path(directory) / "critic")
