@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -42,6 +43,13 @@ TRAINING_VIEW = "workflowType=machine_learning"
 
 def experiment_id(name: str, home: Path) -> str:
     """Get or create the experiment (marked for the model-training view); a local store keeps its artifacts under the home."""
+    if not is_local(mlflow.get_tracking_uri()):
+        return _experiment_id(name, home)
+    with FileLock(str(home / "mlflow.db.lock")):  # two runs on a new home would both create the store's tables
+        return _experiment_id(name, home)
+
+
+def _experiment_id(name: str, home: Path) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         if KIND_TAG not in found.tags:
