@@ -111,7 +111,8 @@ def test_the_run_is_tracked_by_the_mlflow_server(servers, scheduled):
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
 def test_training_workers_ran_on_both_ray_nodes(scheduled, stage):
-    nodes = dict(re.findall(rf"{stage}(?:-\w+)?: worker (\d) of 2 on Ray node (\w+)", scheduled["serve_log"].read_text()))
+    [log] = (scheduled["cli"].home / "runs" / PIPELINE / stage).glob("*/stage.log")  # where what workers print goes
+    nodes = dict(re.findall(rf"{stage}(?:-\w+)?: worker (\d) of 2 on Ray node (\w+)", log.read_text()))
     assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"]
 
 

@@ -124,9 +124,8 @@ def test_evaluation_shows_real_text_and_gold_scores_exactly_that_text(home):
 
 
 def test_the_registered_smollm2_policy_loads_and_generates_offline(home):
-    import pandas as pd
-
     mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
     policy = mlflow.pyfunc.load_model("models:/smol-hh-policy@candidate")
-    [reply] = policy.predict(pd.DataFrame({"prompt": ["Say hello."]}), params={"max_new_tokens": 8})
+    [answer] = policy.predict({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8})
+    reply = answer["choices"][0]["message"]["content"]
     assert isinstance(reply, str) and reply.strip() and not any(token in reply for token in STRAY)
