@@ -23,6 +23,8 @@ LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets", "torch", "
 detail = logging.getLogger("rlhf.detail")  # our own lines for the file: the trainers' raw metrics
 _ray_output = logging.getLogger("rlhf.ray_output")  # forwarded output of Ray's workers
 _ray_output.propagate = False
+for _ours in (detail, _ray_output):  # INFO also where no CLI set up logging: a flow run a Prefect worker starts
+    _ours.setLevel(logging.INFO)
 
 
 def verbose() -> bool:
