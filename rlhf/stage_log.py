@@ -41,7 +41,7 @@ def capture(path: Path) -> Iterator[None]:
     for name in (*LIBRARIES, detail.name, _ray_output.name):
         logger = logging.getLogger(name)
         saved[name] = (logger.handlers[:], logger.propagate)
-        if quiet or logger is _ray_output:  # in verbose mode Ray prints that output itself
+        if quiet:
             logger.handlers, logger.propagate = [], False
         logger.addHandler(handler)
     logging.captureWarnings(True)
