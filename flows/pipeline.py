@@ -13,17 +13,16 @@ from rlhf import cluster
 from rlhf import home as rlhf_home
 from rlhf import report, tracking
 from rlhf.config import load_pipeline, plan
-from rlhf.data.sources import external_inputs
 from rlhf.errors import InputError
-from rlhf.stages import StageSpec, reuse_stage, upstream_inputs
+from rlhf.graph import GRAPH
+from rlhf.stages import Planner, completed, reuse_stage
 
 quiet_expected_errors()
-STAGE_TASKS = {"data": "data_prep:data_prep", "sft": "sft:sft", "reward": "reward:reward", "ppo": "ppo:ppo", "evaluate": "evaluate:evaluate"}
 
 
 def stage_task(stage: str):
     """The stage's Prefect task, imported only when the stage runs: a fully reused pipeline never loads torch."""
-    module, name = STAGE_TASKS[stage].split(":")
+    module, name = GRAPH[stage].task.split(":")
     return getattr(import_module(f"tasks.{module}"), name)
 
 
@@ -55,31 +54,22 @@ def pipeline_flow(
     }
     records = {}
     with tracking.pipeline_run(experiment, name, tags) as parent:
+        planner = Planner(home_dir, name, config, experiment, parent)
         for stage, action in actions.items():
-            digests, paths = upstream_inputs(stage, records)
-            spec = StageSpec(
-                home=home_dir,
-                pipeline_name=name,
-                pipeline=config,
-                stage=stage,
-                inputs=digests | external_inputs(stage, config),
-                upstream=paths,
-                experiment=experiment,
-                parent_run=parent,
-                force=action == "force",
-            )
-            manifest = spec.dir.manifest()
-            if action == "require" and manifest is None:
+            spec = planner.spec(stage, force=action == "force")
+            found = completed(spec)
+            if action == "require" and found is None:
                 raise InputError(
                     f"--only {only}: upstream stage '{stage}' is not complete for this config; "
                     f"run `rlhf run {name} --from {stage}` first"
                 )
-            if manifest is not None and action != "force":
-                logger.info("stage %s: reused %s (made by MLflow run %s)", stage, spec.fingerprint, manifest["mlflow_run_id"])
-                records[stage] = reuse_stage(spec, manifest)
+            if found is not None:
+                logger.info("stage %s: reused %s (made by MLflow run %s)", stage, spec.fingerprint, found[1]["mlflow_run_id"])
+                records[stage] = reuse_stage(spec, *found)
             else:
                 logger.info("stage %s: running %s", stage, spec.fingerprint)
                 records[stage] = stage_task(stage)(spec)
+            planner.complete(stage, records[stage].digest, records[stage].outputs)
         report.log_report(parent, name, tags, list(records.values()))
     return {
         "pipeline": name, "experiment": experiment, "parent_run": parent, "flow_run": str(flow_run.id),

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -44,9 +43,9 @@ def _complete_pipelines(incomplete: str) -> list[str]:
 
 
 def _complete_stages(incomplete: str) -> list[str]:
-    from rlhf.config import STAGE_ORDER
+    from rlhf.graph import GRAPH
 
-    return [stage for stage in STAGE_ORDER if stage.startswith(incomplete)]
+    return [stage for stage in GRAPH if stage.startswith(incomplete)]
 
 
 ConfigOption = Annotated[
@@ -100,19 +99,10 @@ def run(
     plan(parsed.stages.present(), from_stage, only)
     rlhf_home.prepare(state["home"])
     logging.getLogger("rlhf").setLevel(logging.INFO)
-    prefect_api = _start_temporary_prefect_api()
-    from flows.pipeline import pipeline_flow
+    from flows.run import run_pipeline
 
-    _warm_up(name, parsed)
-    if prefect_api is not None:
-        prefect_api.join()
-    result = pipeline_flow(
-        pipeline=name,
-        overrides=overrides or [],
-        from_stage=from_stage,
-        only=only,
-        config_file=str(config),
-        home=str(state["home"]),
+    result = run_pipeline(
+        name, parsed, overrides=overrides or [], from_stage=from_stage, only=only, config_file=config, home=state["home"]
     )
     _summary(result)
 
@@ -132,43 +122,6 @@ def serve(
     from flows.serve import serve as serve_deployments
 
     serve_deployments(config, state["home"], pipelines or [])
-
-
-def _start_temporary_prefect_api() -> threading.Thread | None:
-    """Without a Prefect server, Prefect starts a temporary one on first use (~12 s on a new home, mostly
-    creating its database). Launched now, it starts while the warm-up runs; the import comes first, as
-    other imports alongside it would hold the interpreter and delay the launch. Should it fail, the
-    flow's own start reports why."""
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None
-
-    def start() -> None:
-        with contextlib.suppress(Exception):
-            SubprocessASGIServer().start()
-
-    thread = threading.Thread(target=start, daemon=True)
-    thread.start()
-    return thread
-
-
-def _warm_up(name: str, pipeline) -> None:
-    """What the flow needs first, done while the Prefect API starts (~12 s on a new home): the MLflow
-    store (~3 s to create), the modules of the stages that will run (torch, transformers: ~5 s) and,
-    when one of them trains on Ray, a local cluster (~3 s), which then serves every Ray stage of the run."""
-    from flows.pipeline import stage_task
-    from rlhf import cluster, tracking
-    from rlhf.stages import stage_states
-
-    tracking.configure(state["home"])
-    tracking.experiment_id(pipeline.tracking.experiment, state["home"])
-    pending = [stage for stage, stage_state, *_ in stage_states(state["home"], name, pipeline) if stage_state != "complete"]
-    for stage in pending:
-        stage_task(stage)
-    if cluster.address(pipeline.ray) is None and any(pipeline.runs_on_ray(stage) for stage in pending):
-        cluster.connect(pipeline.ray)
 
 
 def _summary(result: dict) -> None:
@@ -238,14 +191,14 @@ def validate(config: ConfigOption = None) -> None:
     from rlhf.config import FileSource, load_file
     from rlhf.data import prepare
     from rlhf.data.formats import CONVERTERS
-    from rlhf.data.sources import describe, external_inputs
+    from rlhf.data.sources import describe
 
     path = _config(config)
     parsed = load_file(path)
     checked = set()
     for pipeline in parsed.pipelines.values():
         for stage in pipeline.stages.present()[1:]:  # a given reward model; the data files are read in full below
-            external_inputs(stage, pipeline)
+            getattr(pipeline.stages, stage).external_inputs()
         for role in CONVERTERS:
             source = getattr(pipeline.stages.data, role)
             if not isinstance(source, FileSource) or (role, describe(source)) in checked:

@@ -6,25 +6,38 @@ path and the keys allowed there instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from cronsim import CronSim, CronSimError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from rlhf.errors import InputError
 
-STAGE_ORDER = ("data", "sft", "reward", "ppo", "evaluate")
-
-
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class StageConfig(Strict):
+    """A block under `stages:`; the stage graph (`rlhf/graph.py`) says which stage it configures."""
+
+    def also_reads(self) -> tuple[str, ...]:
+        """Upstream stages the block names itself, beyond those the graph declares."""
+        return ()
+
+    def check(self, name: str, pipeline: Pipeline) -> None:
+        """Rules that involve other blocks; a ValueError names the dotted key."""
+
+    def external_inputs(self) -> dict[str, str]:
+        """Digests of what the stage reads from outside the store: part of its fingerprint."""
+        return {}
 
 
 # ----------------------------------------------------------------- data sources
@@ -69,7 +82,7 @@ PreferenceSource = Annotated[Union[FileSource, HubSource], Field(discriminator="
 GoldReward = Literal["synthetic_reviews", "vader_positive"]
 
 
-class DataStage(Strict):
+class DataStage(StageConfig):
     """Instruction data for SFT, preference pairs for the reward model, prompts for PPO."""
 
     instructions: InstructionSource | None = None
@@ -90,6 +103,12 @@ class DataStage(Strict):
         if self.gold_reward is None and isinstance(self.instructions, SyntheticReviewsSource):
             return "synthetic_reviews"
         return self.gold_reward
+
+    def external_inputs(self) -> dict[str, str]:
+        from rlhf.data.sources import describe, digest
+
+        sources = {role: getattr(self, role) for role in ("instructions", "preferences", "prompts")}
+        return {f"{role}:{describe(s)}": digest(s) for role, s in sources.items() if isinstance(s, (FileSource, HubSource))}
 
 
 # ----------------------------------------------------------------------- models
@@ -131,7 +150,7 @@ class Lora(Strict):
 Precision = Literal["fp32", "bf16"]
 
 
-class Training(Strict):
+class Training(StageConfig):
     """Trainer settings shared by the SFT and reward stages."""
 
     _trl_config: ClassVar[str]  # the TRL config class `trainer_args` must fit
@@ -162,6 +181,14 @@ class Training(Strict):
 
             check_trainer_args(cls._trl_config, extra)
         return extra
+
+    def check(self, name: str, pipeline: Pipeline) -> None:
+        workers = pipeline.ray.num_workers
+        if self.batch_size % workers:
+            raise ValueError(
+                f"stages.{name}.batch_size ({self.batch_size}) must be a multiple of ray.num_workers ({workers}): "
+                "it is the batch of one step, split equally over the workers"
+            )
 
 
 class SftStage(Training):
@@ -207,6 +234,16 @@ class RewardStage(Training):
     model: ModelSource | None = Field(None, description="null: the SFT stage's model")
     pairs: Annotated[Union[PolicyPairs, DataPairs], Field(discriminator="source")]
 
+    def check(self, name: str, pipeline: Pipeline) -> None:
+        super().check(name, pipeline)
+        stages = pipeline.stages
+        if stages.sft is None and self.model is None:
+            raise ValueError(f"stages.{name}.model is required when the pipeline has no sft stage")
+        if isinstance(self.pairs, PolicyPairs) and stages.data.gold() is None:
+            raise ValueError(
+                f"stages.{name}.pairs.source 'policy' labels samples with a gold reward: set stages.data.gold_reward or use 'data'"
+            )
+
 
 class KLPenalty(Strict):
     """The KL coefficient beta: fixed, or adaptive towards `target` (nats per sequence)."""
@@ -217,7 +254,7 @@ class KLPenalty(Strict):
     estimator: Literal["k1", "k3"] = "k1"
 
 
-class PpoStage(Strict):
+class PpoStage(StageConfig):
     """PPO with a LoRA policy on the SFT model, a critic from the reward model, on Ray Train."""
 
     policy: PretrainedModel | None = Field(None, description="the starting policy when the pipeline has no sft stage")
@@ -258,6 +295,33 @@ class PpoStage(Strict):
     samples_every: int = Field(20, ge=1, description="iterations between sample tables in MLflow")
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
 
+    def check(self, name: str, pipeline: Pipeline) -> None:
+        stages = pipeline.stages
+        for stage, key in (("sft", "policy"), ("reward", "reward_model")):
+            given = getattr(self, key) is not None
+            if getattr(stages, stage) is None and not given:
+                raise ValueError(f"stages.{name}.{key} is required when the pipeline has no {stage} stage")
+            if getattr(stages, stage) is not None and given:
+                raise ValueError(f"stages.{name}.{key}: the {stage} stage provides it; remove one of the two")
+        workers = pipeline.ray.num_workers
+        if self.batch_size % (workers * self.minibatches):
+            raise ValueError(
+                f"stages.{name}.batch_size ({self.batch_size}) must be a multiple of ray.num_workers x stages.{name}.minibatches "
+                f"({workers} x {self.minibatches}): every worker takes an equal shard of each batch and splits it into "
+                "equal minibatches"
+            )
+
+    def external_inputs(self) -> dict[str, str]:
+        if self.reward_model is None:
+            return {}
+        if not (self.reward_model / "config.json").is_file():
+            from rlhf.errors import InputError
+
+            raise InputError(f"stages.ppo.reward_model: {self.reward_model} is not a saved model directory (no config.json)")
+        from rlhf.store import digest_tree
+
+        return {"reward_model": digest_tree(self.reward_model)}
+
 
 class HackingCheck(Strict):
     """Warn of reward hacking: the reward model's gain is large while the gold gain is small or negative."""
@@ -273,14 +337,39 @@ class RegistryGates(Strict):
     max_kl: float = Field(30.0, gt=0, description="nats per sequence to the baseline (SFT or starting) policy")
 
 
-class EvaluateStage(Strict):
-    """The PPO policy against the SFT policy on held-out prompts, same sampling settings and seeds."""
+class EvaluateStage(StageConfig):
+    """A candidate policy against a baseline on held-out prompts, same sampling settings and seeds."""
+
+    candidate: str | None = Field(None, description="the stage whose policy is evaluated (ppo, grpo, dpo, ...); null: the pipeline's only one besides sft")
+    baseline: str | None = Field(None, description="a policy stage, or 'start': the model the candidate started from; null: sft when the pipeline has it")
 
     prompts: int = Field(128, ge=1, description="generations per policy, cycling through the held-out prompts")
     max_new_tokens: int = Field(40, ge=1)
     temperature: float = Field(1.0, gt=0)
     hacking: HackingCheck = HackingCheck()
     registry: RegistryGates | None = Field(RegistryGates(), description="null never registers")
+
+    def also_reads(self) -> tuple[str, ...]:
+        return (self.candidate,) + ((self.baseline,) if self.baseline != "start" else ())
+
+    def check(self, name: str, pipeline: Pipeline) -> None:
+        from rlhf.graph import GRAPH
+
+        present = pipeline.stages.declared()
+        policies = [stage for stage in present if GRAPH[stage].policy]
+        if self.candidate is None:
+            tuned = [stage for stage in policies if stage != "sft"]
+            if len(tuned) != 1:
+                raise ValueError(f"stages.{name}.candidate: name the policy to evaluate, one of: {', '.join(policies) or 'none here'}")
+            self.candidate = tuned[0]
+        if self.baseline is None:
+            self.baseline = "sft" if "sft" in present and self.candidate != "sft" else "start"
+        for key, allowed in (("candidate", policies), ("baseline", [*policies, "start"])):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"stages.{name}.{key}: {getattr(self, key)!r} is not one of this pipeline's policies: "
+                                 f"{', '.join(allowed) or 'none'}")
+        if self.candidate == self.baseline:
+            raise ValueError(f"stages.{name}.baseline: the candidate ({self.candidate}) compared with itself")
 
 
 class RayConfig(Strict):
@@ -342,33 +431,30 @@ class Schedule(Strict):
 
 
 class Stages(Strict):
-    data: DataStage
-    sft: SftStage | None = None
-    reward: RewardStage | None = None
-    ppo: PpoStage | None = None
-    evaluate: EvaluateStage | None = None
+    """`stages:`. Its fields, one per stage of the graph, are added by `schema()`."""
 
-    @model_validator(mode="after")
-    def _reward_has_a_model(self) -> Stages:
-        if self.reward is not None and self.sft is None and self.reward.model is None:
-            raise ValueError("stages.reward.model is required when the pipeline has no sft stage")
-        if self.reward is not None and isinstance(self.reward.pairs, PolicyPairs) and self.data.gold() is None:
-            raise ValueError(
-                "stages.reward.pairs.source 'policy' labels samples with a gold reward: set stages.data.gold_reward or use 'data'"
-            )
-        if self.ppo is not None:
-            for stage, key in (("sft", "policy"), ("reward", "reward_model")):
-                given = getattr(self.ppo, key) is not None
-                if getattr(self, stage) is None and not given:
-                    raise ValueError(f"stages.ppo.{key} is required when the pipeline has no {stage} stage")
-                if getattr(self, stage) is not None and given:
-                    raise ValueError(f"stages.ppo.{key}: the {stage} stage provides it; remove one of the two")
-        if self.evaluate is not None and self.ppo is None:
-            raise ValueError("stages.evaluate compares the PPO policy with its starting policy: add a ppo stage")
-        return self
+    def declared(self) -> list[str]:
+        """The stages this pipeline has, in the graph's declaration order."""
+        from rlhf.graph import GRAPH
+
+        return [name for name in GRAPH if getattr(self, name, None) is not None]
 
     def present(self) -> list[str]:
-        return [name for name in STAGE_ORDER if getattr(self, name) is not None]
+        """The stages this pipeline has, in the order they run: each after every stage it reads."""
+        from rlhf.graph import order
+
+        declared = self.declared()
+        return order(set(declared), {name: self._reads(name) for name in declared})
+
+    def reads(self, stage: str) -> list[str]:
+        """The stages of this pipeline whose outputs `stage` reads, in run order."""
+        wanted = self._reads(stage)
+        return [name for name in self.present() if name in wanted]
+
+    def _reads(self, stage: str) -> tuple[str, ...]:
+        from rlhf.graph import GRAPH
+
+        return GRAPH[stage].reads + getattr(self, stage).also_reads()
 
 
 class Pipeline(Strict):
@@ -380,25 +466,16 @@ class Pipeline(Strict):
     stages: Stages
 
     @model_validator(mode="after")
-    def _equal_shards(self) -> Pipeline:
-        ppo, workers = self.stages.ppo, self.ray.num_workers
-        for name in ("sft", "reward"):
-            stage = getattr(self.stages, name)
-            if stage is not None and stage.batch_size % workers:
-                raise ValueError(
-                    f"stages.{name}.batch_size ({stage.batch_size}) must be a multiple of ray.num_workers ({workers}): "
-                    "it is the batch of one step, split equally over the workers"
-                )
-        if ppo is not None and ppo.batch_size % (workers * ppo.minibatches):
-            raise ValueError(
-                f"stages.ppo.batch_size ({ppo.batch_size}) must be a multiple of ray.num_workers x stages.ppo.minibatches "
-                f"({workers} x {ppo.minibatches}): every worker takes an equal shard of each batch and splits it into "
-                "equal minibatches"
-            )
+    def _stages_agree(self) -> Pipeline:
+        for name in self.stages.declared():
+            getattr(self.stages, name).check(name, self)
         return self
 
     def runs_on_ray(self, stage: str) -> bool:
-        return stage == "ppo" or (stage in ("sft", "reward") and self.ray.trains_on_ray())
+        from rlhf.graph import GRAPH
+
+        where = GRAPH[stage].ray
+        return where == "always" or (where == "when_scaled" and self.ray.trains_on_ray())
 
     def fingerprint(self) -> str:
         """Hash of the whole resolved pipeline config, tagged on its MLflow runs."""
@@ -415,6 +492,17 @@ class PipelinesFile(Strict):
         if self.default not in self.pipelines:
             raise ValueError(f"default pipeline {self.default!r} is not defined")
         return self
+
+
+@functools.cache
+def schema() -> type[PipelinesFile]:
+    """The model of `pipelines.yaml`: `stages:` takes one optional block per stage of the graph."""
+    from rlhf.graph import GRAPH
+
+    blocks = {name: (stage.config, ...) if stage.required else (Optional[stage.config], None) for name, stage in GRAPH.items()}
+    stages = create_model("Stages", __base__=Stages, **blocks)
+    pipeline = create_model("Pipeline", __base__=Pipeline, stages=(stages, ...))
+    return create_model("PipelinesFile", __base__=PipelinesFile, pipelines=(dict[str, pipeline], ...))
 
 
 # ---------------------------------------------------------------------- loading
@@ -444,7 +532,7 @@ def _walk(loc: tuple) -> tuple[list[str], Any]:
     Returns the dotted key as the user wrote it (discriminated-union tags that
     pydantic inserts into locations are dropped) and the model at its end.
     """
-    node: Any = PipelinesFile
+    node: Any = schema()
     shown: list[str] = []
     for part in loc:
         node = _strip(node)
@@ -485,14 +573,17 @@ def _shorten(value: Any, limit: int = 80) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`stages.ppo.iterations=10` -> (['stages','ppo','iterations'], 10)."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise InputError(f"--set {_shorten(text)}: expected KEY=VALUE, e.g. stages.data.eval_fraction=0.1")
+    if not key.isprintable():
+        raise InputError(f"--set {_shorten(key)}: a key is printable text, e.g. stages.data.eval_fraction")
     try:
         value = _load_yaml(raw) if raw.strip() else None
     except (yaml.YAMLError, RecursionError) as exc:
         why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).replace("\n", " ")
         raise InputError(f"--set {key}: value {_shorten(raw)} is not valid YAML: {why}") from None
-    return key.strip().split("."), value
+    return key.split("."), value
 
 
 def apply_overrides(raw: dict, pipeline: str, overrides: list[str]) -> dict:
@@ -544,7 +635,7 @@ def _resolve_paths(pipeline: Pipeline, base: Path) -> None:
 def load_file(path: Path) -> PipelinesFile:
     raw = read_yaml(path)
     try:
-        parsed = PipelinesFile.model_validate(raw)
+        parsed = schema().model_validate(raw)
     except ValidationError as err:
         raise InputError(_format_validation_error(err, str(path))) from None
     for name, pipeline in parsed.pipelines.items():
@@ -566,7 +657,7 @@ def load_pipeline(path: Path, name: str | None, overrides: list[str] = ()) -> tu
         raise InputError(f"{path}: no pipeline named {name!r}; defined: {known}")
     raw = apply_overrides(raw, name, list(overrides))
     try:
-        parsed = PipelinesFile.model_validate(raw)
+        parsed = schema().model_validate(raw)
     except ValidationError as err:
         raise InputError(_format_validation_error(err, str(path))) from None
     pipeline = parsed.pipelines[name]

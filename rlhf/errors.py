@@ -11,3 +11,7 @@ class StageFailed(Exception):
     """A stage raised; the message names the stage and its partial checkpoint."""
 
     exit_code = 1
+
+
+class ServerLost(StageFailed):
+    """The tracking or orchestration server stopped answering; what completed is kept for the rerun."""

@@ -12,9 +12,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from rlhf.stages import StageRecord
 
 
-def _evaluation(records: list[StageRecord]) -> dict[str, float]:
+def _evaluation(records: list[StageRecord]) -> dict:
     found = [r for r in records if r.stage == "evaluate"]
-    return json.loads((found[0].outputs / "evaluation.json").read_text())["metrics"] if found else {}
+    return json.loads((found[0].outputs / "evaluation.json").read_text()) if found else {}
 
 
 def headline_metrics(records: list[StageRecord]) -> dict[str, float]:
@@ -22,27 +22,26 @@ def headline_metrics(records: list[StageRecord]) -> dict[str, float]:
     seconds (in this run: a reused stage takes about none), and the evaluation's gains, win rates and KL."""
     metrics = {f"{r.stage}.seconds": r.seconds for r in records}
     metrics |= {f"{r.stage}.{r.headline[0]}": r.headline[1] for r in records if r.headline}
-    evaluation = _evaluation(records)
-    shown = ("gold_gain", "win_rate_gold", "score_gain", "win_rate_score", "kl_to_sft", "kl_to_start")
+    evaluation = _evaluation(records).get("metrics", {})
+    shown = ("gold_gain", "win_rate_gold", "score_gain", "win_rate_score", "kl_to_baseline")
     return metrics | {f"evaluate.{name}": evaluation[name] for name in shown if name in evaluation}
 
 
 def evaluation_lines(records: list[StageRecord], pipeline: str) -> list[str]:
     """Win rate, gold delta, KL, hacking warning and registered version, when the run evaluated."""
-    m = _evaluation(records)
-    if not m:
+    found = _evaluation(records)
+    if not found:
         return []
-    base = "sft" if "kl_to_sft" in m else "start"
-    shown = "SFT" if base == "sft" else "start"
+    m, candidate, baseline = found["metrics"], found["candidate"].upper(), found["baseline"].upper()
     lines = []
     if "gold_gain" in m:
         lines.append(
-            f"gold reward: {shown} {m[f'{base}.gold_mean']:+.3f} -> PPO {m['ppo.gold_mean']:+.3f} "
-            f"(gain {m['gold_gain']:+.3f}, PPO wins {m['win_rate_gold']:.0%} under gold)"
+            f"gold reward: {baseline} {m['baseline.gold_mean']:+.3f} -> {candidate} {m['candidate.gold_mean']:+.3f} "
+            f"(gain {m['gold_gain']:+.3f}, {candidate} wins {m['win_rate_gold']:.0%} under gold)"
         )
     lines.append(
-        f"reward model: gain {m['score_gain']:+.3f} (normalised), PPO wins {m['win_rate_score']:.0%}; "
-        f"KL to {shown} {m[f'kl_to_{base}']:.2f} nats/response over {int(m['prompts'])} held-out generations"
+        f"reward model: gain {m['score_gain']:+.3f} ({baseline} std units), {candidate} wins {m['win_rate_score']:.0%}; "
+        f"KL to {baseline} {m['kl_to_baseline']:.2f} nats/response over {int(m['prompts'])} held-out generations"
     )
     if m["reward_hacking"]:
         lines.append("WARNING: possible reward hacking: the reward model's gain is large but the gold gain is not")

@@ -19,7 +19,7 @@ from rlhf import progress
 
 VERBOSE = "RLHF_VERBOSE"
 FILE_NAME = "stage.log"
-LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets", "torch", "mlflow", "ray", "py.warnings")
+LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets", "torch", "mlflow", "ray", "urllib3", "py.warnings")
 detail = logging.getLogger("rlhf.detail")  # our own lines for the file: the trainers' raw metrics
 _ray_output = logging.getLogger("rlhf.ray_output")  # forwarded output of Ray's workers
 _ray_output.propagate = False

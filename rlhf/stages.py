@@ -22,20 +22,11 @@ from filelock import Timeout
 
 from rlhf import progress, stage_log, tracking
 from rlhf.config import Pipeline
-from rlhf.data.sources import external_inputs
-from rlhf.errors import InputError, StageFailed
+from rlhf.errors import InputError, ServerLost, StageFailed
+from rlhf.gold import Gold, named, task_gold_name
 from rlhf.store import StageDir, digest_tree, fingerprint
 
 log = logging.getLogger("rlhf")
-
-# Which completed stages each stage reads.
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "data": (),
-    "sft": ("data",),
-    "reward": ("data", "sft"),
-    "ppo": ("data", "sft", "reward"),
-    "evaluate": ("data", "sft", "reward", "ppo"),
-}
 
 _VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "mlflow", "prefect", "ray", "rlhf-pipeline")
 _RUN_ID_FILE = "mlflow_run_id"
@@ -80,6 +71,28 @@ class StageContext:
     run_id: str
     home: Path  # shared caches (prepared pretrained models) live here
 
+    @property
+    def gold_name(self) -> str | None:
+        """The task's gold reward, by the name the data stage recorded; None when the task has none."""
+        return task_gold_name(self.upstream["data"])
+
+    def gold(self) -> Gold | None:
+        return named(self.gold_name)
+
+    def starting_policy(self, stage: str) -> Path:
+        """The policy `stage` starts from: the SFT model, else its block's `policy`, prepared under the home."""
+        if "sft" in self.upstream:
+            return self.upstream["sft"] / "model"
+        from rlhf import models
+
+        return models.pretrained_dir(getattr(self.pipeline.stages, stage).policy, self.home, f"stages.{stage}.policy")
+
+    def reward_model(self, stage: str) -> Path:
+        """The reward model `stage` optimises or is scored by: the reward stage's, else its block's `reward_model`."""
+        if "reward" in self.upstream:
+            return self.upstream["reward"] / "model"
+        return getattr(self.pipeline.stages, stage).reward_model
+
 
 @dataclass
 class StageResult:
@@ -110,37 +123,72 @@ def stage_fingerprint(pipeline: Pipeline, stage: str, inputs: dict[str, str]) ->
     return fingerprint(stage, config, pipeline.seed, inputs)
 
 
-def stage_states(home: Path, name: str, pipeline: Pipeline) -> list[tuple[str, ...]]:
-    """Rows for `rlhf status`: stage, state, fingerprint, finished at, headline, MLflow run."""
-    rows, digests = [], {}
-    for stage in pipeline.stages.present():
-        reads = [u for u in UPSTREAM[stage] if u in pipeline.stages.present()]
-        waiting = [u for u in reads if u not in digests]
-        if waiting:
-            rows.append((stage, f"waits for {waiting[0]}", "", "", "", ""))
-            continue
-        inputs = {u: digests[u] for u in reads} | external_inputs(stage, pipeline)
-        stage_fp = stage_fingerprint(pipeline, stage, inputs)
-        stage_dir = StageDir.of(home, name, stage, stage_fp)
+class Planner:
+    """Walks a pipeline's stages in order, each fingerprinted from the digests of the stages it reads.
+
+    `rlhf run` (the flow) and `rlhf status` both plan with it, so they agree on every fingerprint.
+    """
+
+    def __init__(self, home: Path, name: str, pipeline: Pipeline, experiment: str = "", parent_run: str = ""):
+        self.home, self.name, self.pipeline = home, name, pipeline
+        self.experiment, self.parent_run = experiment, parent_run
+        self.done: dict[str, tuple[str, Path]] = {}  # stage -> digest and outputs of its complete result
+
+    def spec(self, stage: str, force: bool = False) -> StageSpec | None:
+        """The stage's spec; None while a stage it reads has no complete result yet."""
+        reads = self.pipeline.stages.reads(stage)
+        if any(name not in self.done for name in reads):
+            return None
+        return StageSpec(
+            home=self.home, pipeline_name=self.name, pipeline=self.pipeline, stage=stage,
+            inputs={name: self.done[name][0] for name in reads} | getattr(self.pipeline.stages, stage).external_inputs(),
+            upstream={name: self.done[name][1] for name in reads},
+            experiment=self.experiment, parent_run=self.parent_run, force=force,
+        )
+
+    def waiting_for(self, stage: str) -> str:
+        return next(name for name in self.pipeline.stages.reads(stage) if name not in self.done)
+
+    def complete(self, stage: str, digest: str, outputs: Path) -> None:
+        self.done[stage] = (digest, outputs)
+
+
+def completed(spec: StageSpec) -> tuple[StageDir, dict] | None:
+    """Where the stage's result already is, unless the run forces it: its own directory, else the same
+    stage and fingerprint made by another pipeline of the home (`demo-grpo` after `demo` reuses data, sft
+    and reward). This is the one place that decides reuse."""
+    if spec.force:
+        return None
+    for stage_dir in (spec.dir, *spec.dir.twins()):
         manifest = stage_dir.manifest()
         if manifest is not None:
-            digests[stage] = manifest["outputs"]["digest"]
+            return stage_dir, manifest
+    return None
+
+
+def stage_states(home: Path, name: str, pipeline: Pipeline) -> list[tuple[str, ...]]:
+    """Rows for `rlhf status`: stage, state, fingerprint, finished at, headline, MLflow run."""
+    rows, planner = [], Planner(home, name, pipeline)
+    for stage in pipeline.stages.present():
+        spec = planner.spec(stage)
+        if spec is None:
+            rows.append((stage, f"waits for {planner.waiting_for(stage)}", "", "", "", ""))
+            continue
+        found = completed(spec)
+        if found is not None:
+            stage_dir, manifest = found
+            planner.complete(stage, manifest["outputs"]["digest"], stage_dir.outputs)
             headline = manifest.get("headline")
             shown = f"{headline} = {manifest['metrics'][headline]:.6g}" if headline else ""
-            rows.append((stage, "complete", stage_fp, manifest["finished_at"][:19], shown, manifest["mlflow_run_id"]))
-        elif stage_dir.is_busy():
-            rows.append((stage, "running", stage_fp, "", "", ""))
-        elif stage_dir.work.exists():
-            rows.append((stage, f"partial, resumable ({stage_dir.work})", stage_fp, "", "", ""))
+            where = "" if stage_dir == spec.dir else f" (made by pipeline {stage_dir.root.parents[1].name})"
+            rows.append((stage, f"complete{where}", spec.fingerprint, manifest["finished_at"][:19], shown, manifest["mlflow_run_id"]))
+        elif spec.dir.is_busy():
+            rows.append((stage, "running", spec.fingerprint, "", "", ""))
+        elif spec.dir.work.exists():
+            rows.append((stage, f"partial, resumable ({spec.dir.work})", spec.fingerprint, "", "", ""))
         else:
-            rows.append((stage, "not run", stage_fp, "", "", ""))
+            rows.append((stage, "not run", spec.fingerprint, "", "", ""))
     return rows
-
-
-def upstream_inputs(stage: str, records: dict[str, StageRecord]) -> tuple[dict[str, str], dict[str, Path]]:
-    """Digests and output paths of the completed upstream stages this stage reads."""
-    names = [name for name in UPSTREAM[stage] if name in records]
-    return {name: records[name].digest for name in names}, {name: records[name].outputs for name in names}
 
 
 def log_path(stage_dir: StageDir) -> Path:
@@ -159,13 +207,13 @@ def versions() -> dict[str, str]:
     return found
 
 
-def _record(spec: StageSpec, manifest: dict, action: str, run_id: str, seconds: float) -> StageRecord:
+def _record(spec: StageSpec, stage_dir: StageDir, manifest: dict, action: str, run_id: str, seconds: float) -> StageRecord:
     headline = manifest.get("headline")
     return StageRecord(
         stage=spec.stage,
         action=action,
         fingerprint=manifest["fingerprint"],
-        outputs=spec.dir.outputs,
+        outputs=stage_dir.outputs,
         digest=manifest["outputs"]["digest"],
         seconds=seconds,
         headline=(headline, manifest["metrics"][headline]) if headline else None,
@@ -174,11 +222,11 @@ def _record(spec: StageSpec, manifest: dict, action: str, run_id: str, seconds: 
     )
 
 
-def reuse_stage(spec: StageSpec, manifest: dict) -> StageRecord:
+def reuse_stage(spec: StageSpec, stage_dir: StageDir, manifest: dict) -> StageRecord:
     started = time.monotonic()
     run_id = tracking.record_reused(spec.experiment, spec.parent_run, spec.stage, manifest)
-    log.info("%s: reused %s (made by MLflow run %s)", spec.stage, spec.fingerprint, manifest["mlflow_run_id"])
-    return _record(spec, manifest, "reused", run_id, time.monotonic() - started)
+    log.info("%s: reused %s (made by MLflow run %s)", spec.stage, stage_dir.root, manifest["mlflow_run_id"])
+    return _record(spec, stage_dir, manifest, "reused", run_id, time.monotonic() - started)
 
 
 def run_stage(spec: StageSpec, recipe: Callable[[StageContext], StageResult]) -> StageRecord:
@@ -191,9 +239,9 @@ def run_stage(spec: StageSpec, recipe: Callable[[StageContext], StageResult]) ->
         log.warning("%s: busy, another rlhf run holds %s.lock; waiting for it", spec.stage, stage_dir.root)
         lock.acquire()
     try:
-        manifest = stage_dir.manifest()
-        if manifest is not None and not spec.force:
-            return reuse_stage(spec, manifest)
+        found = completed(spec)
+        if found is not None:
+            return reuse_stage(spec, *found)
         return _attempt(spec, stage_dir, recipe)
     finally:
         lock.release()
@@ -261,10 +309,12 @@ def _attempt(spec: StageSpec, stage_dir: StageDir, recipe: Callable[[StageContex
     except InputError:
         raise
     except Exception as exc:
-        raise StageFailed(
-            f"stage '{spec.stage}' failed: {type(exc).__name__}: {exc}; partial work kept in {stage_dir.work}, "
-            f"its log in {log_file}"
+        lost = tracking.lost_server(exc)
+        error = ServerLost if lost else StageFailed
+        raise error(
+            f"stage '{spec.stage}' failed: {lost or f'{type(exc).__name__}: {exc}'}; partial work kept in {stage_dir.work}, "
+            f"its log in {log_file}" + ("; run the same command again once it is back: the stage resumes" if lost else "")
         ) from exc
     action = "resumed" if resume else "ran"
     log.info("%s: %s in %.1fs -> %s", spec.stage, action, seconds, stage_dir.root)
-    return _record(spec, manifest, action, run_id, seconds)
+    return _record(spec, stage_dir, manifest, action, run_id, seconds)

@@ -65,6 +65,12 @@ class StageDir:
     def of(cls, home: Path, pipeline: str, stage: str, fingerprint: str) -> StageDir:
         return cls(home / "runs" / pipeline / stage / fingerprint)
 
+    def twins(self) -> list[StageDir]:
+        """The same stage and fingerprint under the home's other pipelines: the same result, if complete."""
+        stage, fingerprint = self.root.parent.name, self.root.name
+        runs = self.root.parents[2]
+        return [StageDir(d) for d in sorted(runs.glob(f"*/{stage}/{fingerprint}")) if d != self.root and d.is_dir()]
+
     @property
     def outputs(self) -> Path:
         return self.root / "outputs"

@@ -7,6 +7,7 @@ callback logs into it instead of opening a run of its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -95,11 +96,9 @@ def pipeline_run(experiment: str, pipeline: str, tags: dict[str, str]) -> Iterat
     run_id = run.info.run_id
     try:
         yield run_id
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
-        raise
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as exc:
+        with contextlib.suppress(MlflowException):  # the server may be what failed: keep the first error
+            client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
 
@@ -112,8 +111,26 @@ def stage_run(experiment: str, parent: str, stage: str, resume: str | None, tags
     else:
         run = mlflow.start_run(run_id=resume)
         mlflow.set_tags({"mlflow.parentRunId": parent, "rlhf.resumed": "true"})
-    with run:
+    try:
         yield run.info.run_id
+    except BaseException as exc:
+        with contextlib.suppress(MlflowException):
+            mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    mlflow.end_run()
+
+
+def lost_server(error: BaseException) -> str | None:
+    """What to tell the user when `error` comes from the tracking server no longer answering."""
+    import requests
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, requests.exceptions.ConnectionError):
+            return f"the MLflow tracking server {mlflow.get_tracking_uri()} stopped answering"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def log_config(config: dict) -> None:

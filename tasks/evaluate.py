@@ -1,13 +1,13 @@
-"""Stage 5, evaluation: the PPO policy against its starting policy on held-out prompts.
+"""Stage 5, evaluation: a candidate policy (ppo, grpo, dpo, ...) against a baseline on held-out prompts.
 
-The baseline is the SFT policy (metrics `sft.*`), or without an SFT stage the
-model PPO started from (`start.*`). Both policies answer the same held-out
-prompts with the same sampling settings and seed. Reported: reward-model
-scores (normalised as PPO normalised them), the gold reward when the task
-has one, win rates of PPO over the baseline under each, the per-sequence KL
-of the PPO policy to the baseline, response length, EOS share and
-distinct-1/2, and a reward-hacking warning when the reward model's gain is
-large but the gold gain is not.
+The baseline is the SFT policy, or the model the candidate started from
+(`baseline: start`). Both answer the same held-out prompts with the same
+sampling settings and seed. Reported, as `candidate.*` and `baseline.*`:
+reward-model scores (in units of the baseline's: its mean 0, its std 1), the
+gold reward when the task has one, response length, EOS share and
+distinct-1/2; then the gains and win rates of the candidate under each, its
+per-sequence KL to the baseline, and a reward-hacking warning when the
+reward model's gain is large but the gold gain is not.
 """
 
 from __future__ import annotations
@@ -20,95 +20,99 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from rlhf import evaluation, generation, models, plots, registry
-from rlhf import gold as rlhf_gold
 from rlhf.config import EvaluateStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits
 from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
-from tasks.ppo import reward_model_dir, starting_policy
+
+ROLES = ("baseline", "candidate")
 
 
 def evaluate_policies(ctx: StageContext) -> StageResult:
     config: EvaluateStage = ctx.config
-    data_dir, ppo_dir = ctx.upstream["data"], ctx.upstream["ppo"]
-    held_out = list(load_splits(data_dir / "prompts")["eval"]["prompt"])
+    held_out = list(load_splits(ctx.upstream["data"] / "prompts")["eval"]["prompt"])
     prompts = [held_out[i % len(held_out)] for i in range(config.prompts)]
-    gold_reward = rlhf_gold.of_data(data_dir)
+    gold_reward = ctx.gold()
     gold = gold_reward is not None
-    start = starting_policy(ctx)
-    base = "sft" if "sft" in ctx.upstream else "start"
+    start = ctx.starting_policy(config.candidate)
     tokenizer = models.load_tokenizer(start)
-    reward_dir = reward_model_dir(ctx)
+    reward_dir = ctx.reward_model(config.candidate)
     reward_model, reward_tokenizer = models.load_reward_model(reward_dir), models.load_tokenizer(reward_dir)
-    normalisation = json.loads((ppo_dir / "normalisation.json").read_text())
+    mlflow.set_tags({"rlhf.candidate": config.candidate, "rlhf.baseline": config.baseline})
 
-    policies = {base: models.load_causal_lm(start), "ppo": models.load_causal_lm(ppo_dir / "model")}
+    baseline = start if config.baseline == "start" else ctx.upstream[config.baseline] / "model"
+    policies = {"baseline": models.load_causal_lm(baseline), "candidate": models.load_causal_lm(ctx.upstream[config.candidate] / "model")}
     results = {}
-    for name, policy in policies.items():
+    for role, policy in policies.items():
         responses, ended = generation.sample(
-            policy, tokenizer, prompts, config.max_new_tokens, config.temperature, ctx.seed, phase=f"sampling {name}"
+            policy, tokenizer, prompts, config.max_new_tokens, config.temperature, ctx.seed, phase=f"sampling {role}"
         )
-        raw = generation.score(reward_model, reward_tokenizer, prompts, responses, max_length=None)
-        results[name] = {
+        results[role] = {
             "responses": responses,
-            "score": [(s - normalisation["mean"]) / normalisation["std"] for s in raw],
+            "raw": generation.score(reward_model, reward_tokenizer, prompts, responses, max_length=None),
             "gold": [gold_reward(text_of(p), r) for p, r in zip(prompts, responses)] if gold else None,
             "ended": ended,
         }
-    ppo_logp = evaluation.sequence_logprobs(policies["ppo"], tokenizer, prompts, results["ppo"]["responses"])
-    base_logp = evaluation.sequence_logprobs(policies[base], tokenizer, prompts, results["ppo"]["responses"])
+    mean, std = statistics.fmean(results["baseline"]["raw"]), statistics.pstdev(results["baseline"]["raw"]) or 1.0
+    for result in results.values():
+        result["score"] = [(s - mean) / std for s in result.pop("raw")]
+    candidate_logp, baseline_logp = (
+        evaluation.sequence_logprobs(policies[role], tokenizer, prompts, results["candidate"]["responses"]) for role in ROLES
+    )
 
     metrics = {"prompts": float(config.prompts), "distinct_held_out_prompts": float(len(held_out))}
-    for name, result in results.items():
-        metrics[f"{name}.score_mean"] = statistics.fmean(result["score"])
-        metrics[f"{name}.score_std"] = statistics.pstdev(result["score"])
-        metrics[f"{name}.length_words"] = statistics.fmean(len(r.split()) for r in result["responses"])
-        metrics[f"{name}.eos_share"] = statistics.fmean(result["ended"])
-        metrics[f"{name}.distinct_1"] = evaluation.distinct_n(result["responses"], 1)
-        metrics[f"{name}.distinct_2"] = evaluation.distinct_n(result["responses"], 2)
+    for role, result in results.items():
+        metrics[f"{role}.score_mean"] = statistics.fmean(result["score"])
+        metrics[f"{role}.score_std"] = statistics.pstdev(result["score"])
+        metrics[f"{role}.length_words"] = statistics.fmean(len(r.split()) for r in result["responses"])
+        metrics[f"{role}.eos_share"] = statistics.fmean(result["ended"])
+        metrics[f"{role}.distinct_1"] = evaluation.distinct_n(result["responses"], 1)
+        metrics[f"{role}.distinct_2"] = evaluation.distinct_n(result["responses"], 2)
         if gold:
-            metrics[f"{name}.gold_mean"] = statistics.fmean(result["gold"])
-    metrics["score_gain"] = metrics["ppo.score_mean"] - metrics[f"{base}.score_mean"]
-    metrics["win_rate_score"] = evaluation.win_rate(results["ppo"]["score"], results[base]["score"])
-    metrics[f"kl_to_{base}"] = statistics.fmean(p - s for p, s in zip(ppo_logp, base_logp))
+            metrics[f"{role}.gold_mean"] = statistics.fmean(result["gold"])
+    metrics["score_gain"] = metrics["candidate.score_mean"] - metrics["baseline.score_mean"]
+    metrics["win_rate_score"] = evaluation.win_rate(results["candidate"]["score"], results["baseline"]["score"])
+    metrics["kl_to_baseline"] = statistics.fmean(c - b for c, b in zip(candidate_logp, baseline_logp))
     if gold:
-        metrics["gold_gain"] = metrics["ppo.gold_mean"] - metrics[f"{base}.gold_mean"]
-        metrics["win_rate_gold"] = evaluation.win_rate(results["ppo"]["gold"], results[base]["gold"])
+        metrics["gold_gain"] = metrics["candidate.gold_mean"] - metrics["baseline.gold_mean"]
+        metrics["win_rate_gold"] = evaluation.win_rate(results["candidate"]["gold"], results["baseline"]["gold"])
     hacking = gold and evaluation.reward_hacking(
         metrics["score_gain"], metrics["gold_gain"], config.hacking.min_score_gain, config.hacking.max_gold_gain
     )
     metrics["reward_hacking"] = float(hacking)
-    metrics["registered_version"] = float(_register(config, ctx, metrics, metrics[f"kl_to_{base}"], hacking))
+    metrics["registered_version"] = float(_register(config, ctx, metrics, hacking))
 
     mlflow.log_metrics({f"evaluate.{k}": v for k, v in metrics.items()})
     mlflow.set_tag("rlhf.reward_hacking", str(hacking).lower())
     table = {"prompt": [text_of(p) for p in prompts]}
-    for name, result in results.items():
-        table[f"{name}_response"], table[f"{name}_score"] = result["responses"], result["score"]
+    for role, result in results.items():
+        table[f"{role}_response"], table[f"{role}_score"] = result["responses"], result["score"]
         if gold:
-            table[f"{name}_gold"] = result["gold"]
+            table[f"{role}_gold"] = result["gold"]
     mlflow.log_table(table, artifact_file="evaluate/side_by_side.json")
     _log_plots(ctx, results, gold)
-    (ctx.outputs / "evaluation.json").write_text(json.dumps({"metrics": metrics, "table": table}, indent=2))
+    (ctx.outputs / "evaluation.json").write_text(json.dumps({"candidate": config.candidate, "baseline": config.baseline,
+                                                             "metrics": metrics, "table": table}, indent=2))
     return StageResult(metrics=metrics, headline="gold_gain" if gold else "win_rate_score")
 
 
-def _register(config: EvaluateStage, ctx: StageContext, metrics: dict, kl: float, hacking: bool) -> int:
-    """Register the PPO policy when the gates pass; returns the new version (0 when not registered)."""
+def _register(config: EvaluateStage, ctx: StageContext, metrics: dict, hacking: bool) -> int:
+    """Register the candidate policy when the gates pass; returns the new version (0 when not registered)."""
     win_rate = metrics.get("win_rate_gold", metrics["win_rate_score"])
     gates = config.registry
-    if gates is None or hacking or win_rate < gates.min_win_rate or kl > gates.max_kl:
+    if gates is None or hacking or win_rate < gates.min_win_rate or metrics["kl_to_baseline"] > gates.max_kl:
         mlflow.set_tag("rlhf.registered", "false")
         return 0
-    model_uri = json.loads((ctx.upstream["ppo"] / "mlflow_model.json").read_text())["model_uri"]
+    model_uri = json.loads((ctx.upstream[config.candidate] / "mlflow_model.json").read_text())["model_uri"]
     version = registry.register(model_uri, f"{ctx.pipeline_name}-policy")
     mlflow.set_tag("rlhf.registered", f"{ctx.pipeline_name}-policy/{version}")
     return int(version)
 
 
 def _log_plots(ctx: StageContext, results: dict, gold: bool) -> None:
-    history = json.loads((ctx.upstream["ppo"] / "history.json").read_text())
-    mlflow.log_figure(plots.ppo_curves(history), "plots/ppo_curves.png")
+    history = ctx.upstream[ctx.config.candidate] / "history.json"
+    if history.exists():  # the RL stages' per-iteration curves
+        mlflow.log_figure(plots.ppo_curves(json.loads(history.read_text())), "plots/ppo_curves.png")
     scores = {name: result["score"] for name, result in results.items()}
     mlflow.log_figure(plots.distributions(scores, "reward-model score (normalised)"), "plots/score_distribution.png")
     if gold:

@@ -22,7 +22,6 @@ import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 
-from rlhf import gold as rlhf_gold
 from rlhf import models, plots, registry
 from rlhf.config import Lora, PpoStage, ScratchModel
 from rlhf.data.prepare import load_splits
@@ -36,9 +35,9 @@ log = logging.getLogger("rlhf")
 
 def train_ppo(ctx: StageContext) -> StageResult:
     config: PpoStage = ctx.config
-    data_dir, start = ctx.upstream["data"], starting_policy(ctx)
-    reward_model = reward_model_dir(ctx)
-    gold = rlhf_gold.task_gold_name(data_dir)
+    data_dir, start = ctx.upstream["data"], ctx.starting_policy(ctx.stage)
+    reward_model = ctx.reward_model(ctx.stage)
+    gold = ctx.gold_name
 
     final = driver.run(
         config, ctx.pipeline.ray,
@@ -74,20 +73,6 @@ def train_ppo(ctx: StageContext) -> StageResult:
     seconds = sum(h["seconds_generate"] + h["seconds_score"] + h["seconds_train"] for h in history)
     metrics["response_tokens_per_second"] = sum(h["response_length"] for h in history) * config.batch_size / seconds
     return StageResult(metrics=metrics, headline="gold" if gold else "score")
-
-
-def starting_policy(ctx: StageContext) -> Path:
-    """The policy PPO starts from: the SFT model, else `stages.ppo.policy` prepared under the home."""
-    if "sft" in ctx.upstream:
-        return ctx.upstream["sft"] / "model"
-    return models.pretrained_dir(ctx.pipeline.stages.ppo.policy, ctx.home, "stages.ppo.policy")
-
-
-def reward_model_dir(ctx: StageContext) -> Path:
-    """The reward model PPO optimises: the reward stage's, else `stages.ppo.reward_model`."""
-    if "reward" in ctx.upstream:
-        return ctx.upstream["reward"] / "model"
-    return ctx.pipeline.stages.ppo.reward_model
 
 
 def _fitting(prompts: list, policy_dir: Path, max_tokens: int | None) -> list:

@@ -19,7 +19,6 @@ from prefect.cache_policies import NONE
 from trl import RewardConfig, RewardTrainer
 
 from rlhf import generation, models, pairs, training, trl_fit
-from rlhf import gold as rlhf_gold
 from rlhf.config import PolicyPairs, RewardStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits, write_splits
@@ -109,7 +108,7 @@ def _make_pairs(config: RewardStage, ctx: StageContext, policy_dir: Path) -> Non
     made = {}
     for split, count, offset in (("train", config.pairs.count, 0), ("eval", config.pairs.eval_count, 10_000)):
         made[split] = pairs.sample_pairs(
-            policy, tokenizer, list(prompts[split]["prompt"]), count, rlhf_gold.of_data(data_dir),
+            policy, tokenizer, list(prompts[split]["prompt"]), count, ctx.gold(),
             config.pairs.min_gold_gap, config.pairs.max_new_tokens, config.pairs.temperature, ctx.seed + offset,
             config.pairs.batch_size,
         )

@@ -20,7 +20,6 @@ from prefect.cache_policies import NONE
 from trl import SFTConfig, SFTTrainer
 
 from rlhf import generation, models, training, trl_fit
-from rlhf import gold as rlhf_gold
 from rlhf.config import SftStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits
@@ -89,7 +88,7 @@ def _log_samples(config: SftStage, ctx: StageContext, eval_data, tokenizer) -> N
     policy = models.load_causal_lm(ctx.outputs / "model")
     responses, _ = generation.sample(policy, tokenizer, prompts, config.max_new_tokens, 1.0, ctx.seed)
     table = {"prompt": [text_of(p) for p in prompts], "response": responses}
-    gold = rlhf_gold.of_data(ctx.upstream["data"])
+    gold = ctx.gold()
     if gold is not None:
         table["gold"] = [gold(text_of(p), r) for p, r in zip(prompts, responses)]
     mlflow.log_table(table, artifact_file="samples/sft_generations.json")

@@ -82,15 +82,15 @@ def test_evaluation_pictures_report_and_registered_policy(reference):
     project, home = reference
     [path] = (home / "runs" / PIPELINE / "evaluate").glob("*/manifest.json")
     evaluation = json.loads(path.read_text())
-    for key in ("sft.gold_mean", "ppo.gold_mean", "gold_gain", "win_rate_gold", "win_rate_score", "kl_to_sft",
-                "ppo.distinct_1", "ppo.distinct_2", "ppo.eos_share", "ppo.length_words", "reward_hacking"):
+    for key in ("baseline.gold_mean", "candidate.gold_mean", "gold_gain", "win_rate_gold", "win_rate_score", "kl_to_baseline",
+                "candidate.distinct_1", "candidate.distinct_2", "candidate.eos_share", "candidate.length_words", "reward_hacking"):
         assert key in evaluation["metrics"], key
     assert evaluation["metrics"]["registered_version"] == 1
 
     mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
     client = mlflow.MlflowClient()
     run = client.get_run(evaluation["mlflow_run_id"])
-    assert run.data.metrics["evaluate.kl_to_sft"] == pytest.approx(evaluation["metrics"]["kl_to_sft"])
+    assert run.data.metrics["evaluate.kl_to_baseline"] == pytest.approx(evaluation["metrics"]["kl_to_baseline"])
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
     assert set(pictures) == {"plots/ppo_curves.png", "plots/score_distribution.png", "plots/gold_distribution.png",
                              "plots/reward_accuracy.png"}
@@ -133,7 +133,7 @@ def test_a_candidate_that_fails_the_gate_is_not_registered(reference):
     assert "not registered (gates not met)" in done.stdout
     manifests = [json.loads(p.read_text()) for p in (home / "runs" / PIPELINE / "evaluate").glob("*/manifest.json")]
     [rerun] = [m for m in manifests if m["config"]["registry"]["max_kl"] == 0.0001]
-    assert rerun["metrics"]["registered_version"] == 0 and rerun["metrics"]["kl_to_sft"] > 0.0001
+    assert rerun["metrics"]["registered_version"] == 0 and rerun["metrics"]["kl_to_baseline"] > 0.0001
     mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
     client = mlflow.MlflowClient()
     assert [int(v.version) for v in client.search_model_versions(f"name='{PIPELINE}-policy'")] == [1]  # the reference run's
@@ -210,7 +210,7 @@ def test_the_dashboard_shows_the_run_through_the_rest_api(reference):
         tags = {t["key"]: t["value"] for t in parent["tags"]}
         for stage in ("data", "sft", "reward", "ppo", "evaluate"):
             assert metrics[f"{stage}.seconds"] > 0, stage
-        for name in ("gold_gain", "win_rate_gold", "win_rate_score", "kl_to_sft"):
+        for name in ("gold_gain", "win_rate_gold", "win_rate_score", "kl_to_baseline"):
             assert metrics[f"evaluate.{name}"] == pytest.approx(evaluation["metrics"][name]), name
         assert metrics["reward.eval_accuracy"] > 0.55 and metrics["sft.eval_loss"] > 0
         assert tags["mlflow.note.content"].startswith(f"# Pipeline `{PIPELINE}`") and "| evaluate | ran |" in tags["mlflow.note.content"]

@@ -111,13 +111,15 @@ def test_every_stage_completes_on_smollm2_with_its_own_tokenizer(home):
 
 def test_evaluation_shows_real_text_and_gold_scores_exactly_that_text(home):
     hh = json.loads((Path(manifest(home, "smol-hh", "evaluate")["outputs"]["path"]) / "evaluation.json").read_text())
-    assert {"sft.score_mean", "ppo.score_mean", "win_rate_score", "kl_to_sft"} <= set(hh["metrics"])
+    assert {"baseline.score_mean", "candidate.score_mean", "win_rate_score", "kl_to_baseline"} <= set(hh["metrics"])
+    assert (hh["candidate"], hh["baseline"]) == ("ppo", "sft")
     start = json.loads((Path(manifest(home, "smol-start", "evaluate")["outputs"]["path"]) / "evaluation.json").read_text())
-    assert {"start.gold_mean", "ppo.gold_mean", "gold_gain", "kl_to_start"} <= set(start["metrics"])
+    assert {"baseline.gold_mean", "candidate.gold_mean", "gold_gain", "kl_to_baseline"} <= set(start["metrics"])
+    assert (start["candidate"], start["baseline"]) == ("ppo", "start")
     for table in (hh["table"], start["table"]):
         responses = [r for key in table if key.endswith("_response") for r in table[key]]
         assert responses and not [r for r in responses if any(token in r for token in STRAY)]
-    for name in ("start", "ppo"):
+    for name in ("baseline", "candidate"):
         assert start["table"][f"{name}_gold"] == [
             gold.vader_positive(p, r) for p, r in zip(start["table"]["prompt"], start["table"][f"{name}_response"])
         ]

@@ -9,29 +9,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from rlhf.config import FileSource, HubSource, Pipeline
-from rlhf.data.formats import CONVERTERS
+from rlhf.config import FileSource, HubSource
 from rlhf.errors import InputError
-from rlhf.store import digest_tree
 
 Row = tuple[int, dict]
-
-
-def external_inputs(stage: str, pipeline: Pipeline) -> dict[str, str]:
-    """Digests of what a stage reads from outside the store (data files, a given reward model)."""
-    given = pipeline.stages.ppo.reward_model if stage == "ppo" else None
-    if given is not None:
-        if not (given / "config.json").is_file():
-            raise InputError(f"stages.ppo.reward_model: {given} is not a saved model directory (no config.json)")
-        return {"reward_model": digest_tree(given)}
-    if stage != "data":
-        return {}
-    found = {}
-    for role in CONVERTERS:
-        source = getattr(pipeline.stages.data, role)
-        if isinstance(source, (FileSource, HubSource)):
-            found[f"{role}:{describe(source)}"] = digest(source)
-    return found
 
 
 def describe(source: FileSource | HubSource) -> str:

@@ -1,0 +1,67 @@
+"""The stage graph: every stage a pipeline can have, declared once.
+
+A stage is its name, its typed block under `stages:`, the stages whose
+outputs it reads, its recipe (a Prefect task in `tasks/`), whether it trains
+on Ray, and whether it makes a policy that `evaluate` can compare. The
+schema of `stages:`, the order stages run in, their fingerprint inputs and
+the flow's tasks all derive from this table; a new stage is a recipe, a
+`declare(...)` and its block in `pipelines.yaml`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhf.config import DataStage, EvaluateStage, PpoStage, RewardStage, SftStage, StageConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type[StageConfig]
+    reads: tuple[str, ...]  # upstream stages whose outputs it reads, when the pipeline has them
+    task: str  # `module:function` of its Prefect task under `tasks/`
+    ray: Literal["always", "when_scaled", "never"] = "never"  # when_scaled: if the `ray` block asks for >1 worker or a GPU
+    policy: bool = False  # makes a policy: `model/` and `mlflow_model.json` in its outputs
+    required: bool = False
+
+
+GRAPH: dict[str, Stage] = {}
+
+
+def declare(*stages: Stage) -> None:
+    """Add stages to the graph (a plug-in or a test may add its own); the schema of `stages:` follows."""
+    for stage in stages:
+        unknown = [name for name in stage.reads if name not in GRAPH]
+        if unknown:
+            raise ValueError(f"stage {stage.name!r} reads undeclared stages {unknown}")
+        GRAPH[stage.name] = stage
+    from rlhf import config
+
+    config.schema.cache_clear()
+
+
+def order(present: set[str], reads: dict[str, tuple[str, ...]]) -> list[str]:
+    """The present stages, each after every stage it reads; otherwise in declaration order."""
+    ordered: list[str] = []
+    while len(ordered) < len(present):
+        ready = [name for name in GRAPH if name in present and name not in ordered
+                 and all(r in ordered for r in reads[name] if r in present)]
+        if not ready:
+            raise ValueError(f"stages read each other in a cycle: {sorted(present - set(ordered))}")
+        ordered.append(ready[0])
+    return ordered
+
+
+def policy_stages() -> list[str]:
+    return [name for name, stage in GRAPH.items() if stage.policy]
+
+
+declare(
+    Stage("data", DataStage, reads=(), task="data_prep:data_prep", required=True),
+    Stage("sft", SftStage, reads=("data",), task="sft:sft", ray="when_scaled", policy=True),
+    Stage("reward", RewardStage, reads=("data", "sft"), task="reward:reward", ray="when_scaled"),
+    Stage("ppo", PpoStage, reads=("data", "sft", "reward"), task="ppo:ppo", ray="always", policy=True),
+    Stage("evaluate", EvaluateStage, reads=("data", "sft", "reward"), task="evaluate:evaluate"),
+)
