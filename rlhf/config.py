@@ -252,28 +252,28 @@ class KLPenalty(Strict):
     target: float | None = Field(6.0, gt=0, description="null keeps beta fixed")
     horizon: int = Field(10000, ge=1)
     estimator: Literal["k1", "k3"] = "k1"
+    in_loss: bool = Field(False, description="a KL term in the loss (GRPO's way) instead of a penalty in the reward")
 
 
-class PpoStage(StageConfig):
-    """PPO with a LoRA policy on the SFT model, a critic from the reward model, on Ray Train."""
+class RlStage(StageConfig):
+    """What the RL stages share: a LoRA policy on the SFT model (or `policy`), trained on Ray Train against
+    the reward model with the clipped surrogate loss; they differ in how they turn scores into advantages."""
 
+    estimator: str
     policy: PretrainedModel | None = Field(None, description="the starting policy when the pipeline has no sft stage")
     reward_model: Path | None = Field(
         None, description="a trained reward model (directory with its tokenizer) when the pipeline has no reward stage"
     )
     iterations: int = Field(80, ge=1)
     batch_size: int = Field(32, ge=1, description="prompts per iteration, over all workers")
+    samples_per_prompt: int = Field(1, ge=1, description="responses sampled for each prompt")
     max_prompt_tokens: int | None = Field(None, ge=1, description="prompts longer than this, rendered, are left out")
     max_new_tokens: int = Field(40, ge=1)
     temperature: float = Field(1.0, gt=0)
-    epochs: int = Field(4, ge=1, description="PPO epochs over each rollout batch")
+    epochs: int = Field(4, ge=1, description="epochs over each rollout batch")
     minibatches: int = Field(4, ge=1, description="optimiser steps per epoch; each minibatch spans all workers")
     learning_rate: float = Field(1e-3, gt=0, description="policy (LoRA) learning rate")
-    critic_learning_rate: float = Field(1e-3, gt=0)
     lora: Lora = Lora()
-    critic_lora: Lora | Literal["auto"] | None = Field(
-        "auto", description="null trains the critic fully; auto: LoRA r16 on a pretrained base, full on a scratch one"
-    )
     normalisation_samples: int = Field(
         64, ge=2, description="samples of the starting policy, under these sampling settings, that fix the score mean and std"
     )
@@ -284,9 +284,6 @@ class PpoStage(StageConfig):
     )
     kl: KLPenalty = KLPenalty()
     clip_ratio: float = Field(0.2, gt=0)
-    clip_value: float = Field(0.2, gt=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
     reward_clip: float | None = Field(5.0, gt=0)
     missing_eos_penalty: float | None = Field(None, description="score given to responses that hit the length limit")
     max_grad_norm: float = Field(1.0, gt=0)
@@ -294,6 +291,10 @@ class PpoStage(StageConfig):
     keep_checkpoints: int = Field(2, ge=1)
     samples_every: int = Field(20, ge=1, description="iterations between sample tables in MLflow")
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
+
+    @property
+    def has_critic(self) -> bool:
+        return self.estimator == "gae"
 
     def check(self, name: str, pipeline: Pipeline) -> None:
         stages = pipeline.stages
@@ -317,10 +318,53 @@ class PpoStage(StageConfig):
         if not (self.reward_model / "config.json").is_file():
             from rlhf.errors import InputError
 
-            raise InputError(f"stages.ppo.reward_model: {self.reward_model} is not a saved model directory (no config.json)")
+            raise InputError(f"reward_model: {self.reward_model} is not a saved model directory (no config.json)")
         from rlhf.store import digest_tree
 
         return {"reward_model": digest_tree(self.reward_model)}
+
+
+class PpoStage(RlStage):
+    """PPO: per-token rewards (the score at the end, a KL penalty at every token) and GAE advantages
+    from a critic that starts as a copy of the reward model, whitened over the batch."""
+
+    estimator: Literal["gae"] = "gae"
+    critic_learning_rate: float = Field(1e-3, gt=0)
+    critic_lora: Lora | Literal["auto"] | None = Field(
+        "auto", description="null trains the critic fully; auto: LoRA r16 on a pretrained base, full on a scratch one"
+    )
+    clip_value: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+
+
+class GroupStage(RlStage):
+    samples_per_prompt: int = Field(4, ge=2, description="responses sampled for each prompt, compared with each other")
+
+
+class GrpoStage(GroupStage):
+    """GRPO (Shao et al. 2024): no critic; each response's advantage is its reward normalised within the
+    responses to the same prompt; the KL to the reference is a loss term (k3)."""
+
+    estimator: Literal["grpo"] = "grpo"
+    kl: KLPenalty = KLPenalty(beta=0.04, target=None, estimator="k3", in_loss=True)
+
+
+class RlooStage(GroupStage):
+    """RLOO (Ahmadian et al. 2024): no critic; each response's reward, the KL penalty included, minus the
+    mean reward of the other responses to the same prompt."""
+
+    estimator: Literal["rloo"] = "rloo"
+
+
+class ReinforceStage(RlStage):
+    """REINFORCE++ (Hu 2025): no critic; per-token rewards as PPO's, returns-to-go whitened over the whole
+    batch as advantages."""
+
+    estimator: Literal["reinforce++"] = "reinforce++"
+
+
+RlConfig = Annotated[Union[PpoStage, GrpoStage, RlooStage, ReinforceStage], Field(discriminator="estimator")]
 
 
 class HackingCheck(Strict):

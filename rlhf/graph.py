@@ -13,7 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhf.config import DataStage, EvaluateStage, PpoStage, RewardStage, SftStage, StageConfig
+from rlhf.config import (
+    DataStage,
+    EvaluateStage,
+    GrpoStage,
+    PpoStage,
+    ReinforceStage,
+    RewardStage,
+    RlooStage,
+    SftStage,
+    StageConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ declare(
     Stage("data", DataStage, reads=(), task="data_prep:data_prep", required=True),
     Stage("sft", SftStage, reads=("data",), task="sft:sft", ray="when_scaled", policy=True),
     Stage("reward", RewardStage, reads=("data", "sft"), task="reward:reward", ray="when_scaled"),
-    Stage("ppo", PpoStage, reads=("data", "sft", "reward"), task="ppo:ppo", ray="always", policy=True),
+    *(Stage(name, config, reads=("data", "sft", "reward"), task="rl:rl", ray="always", policy=True)
+      for name, config in (("ppo", PpoStage), ("grpo", GrpoStage), ("rloo", RlooStage), ("reinforce", ReinforceStage))),
     Stage("evaluate", EvaluateStage, reads=("data", "sft", "reward"), task="evaluate:evaluate"),
 )

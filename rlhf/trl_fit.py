@@ -84,7 +84,8 @@ def _train(trainer, tokenizer, checkpoint: str | None, resumed_from_step: int, o
     history = trainer.state.log_history
     return Fitted(
         train_loss=result.training_loss,
-        steps=trainer.state.global_step,
+        # resumed from the final checkpoint, transformers counts one step it does not take
+        steps=min(trainer.state.global_step, trainer.state.max_steps),
         resumed_from_step=resumed_from_step,
         tokens_per_second=training.tokens_per_second(history, resumed_from_step, result.metrics["train_runtime"]),
         peak_rss_mb=training.peak_rss_mb(),

@@ -114,3 +114,43 @@ def test_response_mask_stops_after_the_first_eos():
     mask, ended = A.response_mask(responses, eos)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert ended.tolist() == [True, True, False]
+
+
+# ---------------------------------------------------------------- critic-free estimators
+
+
+def test_grpo_normalises_each_group_by_its_own_mean_and_unbiased_std():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])  # two prompts, three samples each
+    advantages = A.group_advantages(rewards, 3, "grpo")
+    # group 1: mean 2, unbiased std 1; group 2: all equal, so no signal
+    assert advantages.tolist() == pytest.approx([-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6), 0.0, 0.0, 0.0])
+
+
+def test_rloo_subtracts_the_mean_of_the_other_samples():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0])  # two prompts, two samples each: [1, 2], [6, 0]
+    assert A.group_advantages(rewards, 2, "rloo").tolist() == pytest.approx([-1.0, 1.0, 6.0, -6.0])
+    # three samples: 3 - (0 + 6) / 2 = 0, 0 - (3 + 6) / 2 = -4.5, 6 - (3 + 0) / 2 = 4.5
+    assert A.group_advantages(torch.tensor([3.0, 0.0, 6.0]), 3, "rloo").tolist() == pytest.approx([0.0, -4.5, 4.5])
+    with pytest.raises(ValueError):
+        A.group_advantages(rewards, 2, "gae")
+
+
+def test_sequence_reward_subtracts_beta_times_the_summed_kl_of_real_tokens():
+    kl, mask = t([0.5, 1.0, 3.0], [2.0, 0.0, 0.0]), t([1, 1, 0], [1, 0, 0])
+    assert A.sequence_rewards(torch.tensor([1.0, 2.0]), kl, mask, beta=0.1).tolist() == pytest.approx([0.85, 1.8])
+
+
+def test_reinforce_returns_to_go_sum_the_rewards_ahead_and_ignore_padding():
+    rewards, mask = t([-0.1, -0.2, 1.0, 5.0]), t([1, 1, 1, 0])  # the 5 sits under padding
+    assert A.returns_to_go(rewards, mask)[0].tolist() == pytest.approx([0.7, 0.8, 1.0, 0.0])
+    assert A.returns_to_go(rewards, mask, gamma=0.5)[0].tolist() == pytest.approx([-0.1 - 0.1 + 0.25, -0.2 + 0.5, 1.0, 0.0])
+
+
+def test_kl_loss_is_the_token_mean_of_the_estimator_and_pulls_towards_the_reference():
+    logp = torch.tensor([[math.log(0.5), math.log(0.5), 0.0]], requires_grad=True)
+    ref, mask = t([math.log(0.25), math.log(0.5), 0.0]), t([1, 1, 0])
+    loss = A.kl_loss(logp, ref, mask, "k3")
+    assert loss.item() == pytest.approx((-0.5 + math.log(2) + 0.0) / 2)
+    loss.backward()
+    # d k3 / d logp = 1 - r with r = p_ref / p: 0.5 where the policy is above the reference, 0 where equal
+    assert logp.grad[0].tolist() == pytest.approx([0.25, 0.0, 0.0])

@@ -1,36 +1,82 @@
-"""The PPO update on a tiny model: micro-batches accumulate exactly the minibatch's gradient step."""
+"""The update on a tiny model: micro-batches accumulate exactly the minibatch's gradient step."""
 
 from contextlib import nullcontext
 
 import pytest
 import torch
 
-from rlhf.config import PpoStage
-from rlhf.ppo import worker
+from rlhf import generation
+from rlhf.config import GrpoStage, PpoStage
+from rlhf.ppo import algorithm as A
+from rlhf.ppo import roles as R
+from rlhf.ppo import rollout as rollouts
+from rlhf.ppo.update import update
+
+CPU = torch.device("cpu")
 
 
-def _step(tiny_model, micro_batch_size):
-    directory, tokenizer, prompts = tiny_model
-    ppo = PpoStage(batch_size=4, minibatches=1, epochs=1, max_new_tokens=10, micro_batch_size=micro_batch_size)
+def _step(tiny_model, rl, micro_batch_size):
+    directory, _, prompts = tiny_model
+    rl = rl.model_copy(update={"micro_batch_size": micro_batch_size})
     torch.manual_seed(0)
-    policy = worker._policy(directory, ppo, torch.device("cpu"))
-    critic = worker._critic(directory, directory, tokenizer, tokenizer, None, ppo, torch.device("cpu"))
-    sampling = worker.generation.sampling_config(tokenizer, ppo.max_new_tokens, ppo.temperature)
-    query, query_mask, response, _, ended = worker._generate(policy, tokenizer, prompts, sampling, ppo, torch.device("cpu"))
+    roles = R.load(directory, directory, rl, None, CPU)
+    sampling = generation.sampling_config(roles.tokenizer, rl.max_new_tokens, rl.temperature)
+    query, query_mask, response, _, ended = rollouts.generate(roles.actor, roles.tokenizer, prompts, sampling, rl, CPU)
     mask = (torch.arange(10) < torch.tensor([[10], [7], [4], [2]])).float()  # lengths differ: token weighting matters
-    rollout = worker._score(policy, critic, query, query_mask, response, mask, ended, ppo)
+    rollout = rollouts.score(roles, query, query_mask, response, mask, ended, rl)
     rollout.advantages = torch.linspace(-1, 1, mask.numel()).reshape(mask.shape) * mask
-    rollout.returns = rollout.values + rollout.advantages
-    params = {name: [p for p in model.parameters() if p.requires_grad] for name, model in (("policy", policy), ("critic", critic))}
+    if roles.critic is not None:
+        rollout.returns = rollout.values + rollout.advantages
+    params = roles.trainable()
     optimisers = {name: torch.optim.SGD(p, lr=0.1) for name, p in params.items()}
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0) for name, o in optimisers.items()}
-    stats, _ = worker._update(policy, critic, optimisers, schedulers, params["policy"], params["critic"], rollout, ppo, nullcontext, 1)
-    return [p.detach().clone() for p in params["policy"] + params["critic"]], stats
+    stats, _ = update(roles, optimisers, schedulers, rollout, rl, 0.1, nullcontext, 1)
+    return [p.detach().clone() for group in params.values() for p in group], stats
 
 
-def test_micro_batches_take_the_same_step_as_the_whole_minibatch(tiny_model):
-    whole, whole_stats = _step(tiny_model, None)
-    micro, micro_stats = _step(tiny_model, 1)
+@pytest.mark.parametrize("rl", [
+    PpoStage(batch_size=4, minibatches=1, epochs=1, max_new_tokens=10),
+    GrpoStage(batch_size=4, minibatches=1, epochs=1, max_new_tokens=10),  # no critic, the KL in the loss
+], ids=["ppo", "grpo"])
+def test_micro_batches_take_the_same_step_as_the_whole_minibatch(tiny_model, rl):
+    whole, whole_stats = _step(tiny_model, rl, None)
+    micro, micro_stats = _step(tiny_model, rl, 1)
     for a, b in zip(whole, micro):
         assert torch.allclose(a, b, atol=1e-6)
     assert micro_stats["policy_loss"] == pytest.approx(whole_stats["policy_loss"].item(), abs=1e-6)
+    assert ("value_loss" in whole_stats) == rl.has_critic and ("kl_loss" in whole_stats) == rl.kl.in_loss
+
+
+def test_a_critic_free_stage_loads_no_critic(tiny_model):
+    directory, _, _ = tiny_model
+    roles = R.load(directory, directory, GrpoStage(), None, CPU)
+    assert roles.critic is None and list(roles.trainable()) == ["policy"]
+
+
+def _rollout(scores, logp, ref_logp, mask):
+    n = len(scores)
+    return rollouts.Rollout(torch.zeros(n, 1), torch.ones(n, 1), torch.zeros_like(mask), mask, torch.ones(n, dtype=torch.bool),
+                            torch.tensor(scores), logp * mask, ref_logp * mask, None)
+
+
+def test_each_estimator_turns_scores_into_its_advantages():
+    from rlhf.config import ReinforceStage, RlooStage
+
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    logp, ref_logp = torch.full((4, 2), -1.0), torch.full((4, 2), -1.5)  # k1 KL of 0.5 per token
+    unit = {"mean": 0.0, "std": 1.0}
+
+    grpo = _rollout([1.0, 3.0, 0.0, 0.0], logp, ref_logp, mask)  # KL in the loss: scores alone
+    rollouts.advantages(grpo, unit, 0.1, GrpoStage(samples_per_prompt=2, kl={"in_loss": True}), 1)
+    expected = torch.tensor([-1.0, 1.0, 0.0, 0.0]) / (2**0.5 + 1e-6)
+    assert torch.allclose(grpo.advantages, expected.unsqueeze(-1) * mask)
+
+    rloo = _rollout([1.0, 3.0, 0.0, 0.0], logp, ref_logp, mask)  # rewards 1 - 0.1, 3 - 0.05, 0 - 0.1, 0 - 0.1
+    rollouts.advantages(rloo, unit, 0.1, RlooStage(samples_per_prompt=2), 1)
+    assert torch.allclose(rloo.advantages[:, 0], torch.tensor([-2.05, 2.05, 0.0, 0.0]))
+
+    reinforce = _rollout([1.0, 3.0, 0.0, 0.0], logp, ref_logp, mask)
+    rollouts.advantages(reinforce, unit, 0.1, ReinforceStage(), 1)
+    returns = torch.tensor([[0.9, 0.95], [2.95, 0.0], [-0.1, -0.05], [-0.1, -0.05]])
+    assert torch.allclose(reinforce.advantages, A.masked_whiten(returns, mask), atol=1e-6)
+    assert reinforce.returns is None and grpo.returns is None

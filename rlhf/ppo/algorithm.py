@@ -1,4 +1,4 @@
-"""PPO for RLHF, the maths only: tensors in, tensors out. No models, no distribution.
+"""PPO and its critic-free relatives for RLHF, the maths only: tensors in, tensors out. No models, no distribution.
 
 Shapes: `[batch, response_len]` for per-token quantities; `mask` is 1.0 on
 real response tokens (up to and including EOS) and 0.0 after it and under
@@ -151,6 +151,38 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def sequence_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """One reward per response: the score minus `beta` times the response's summed KL."""
+    return scores - beta * (kl * mask).sum(-1)
+
+
+def group_advantages(rewards: torch.Tensor, samples: int, estimator: str) -> torch.Tensor:
+    """Advantages of responses in groups of `samples` consecutive ones, all answering the same prompt.
+
+    grpo (Shao et al. 2024): (r - group mean) / (group std + 1e-6), the std unbiased.
+    rloo (Ahmadian et al. 2024): r minus the mean of the other responses of its group.
+    """
+    groups = rewards.view(-1, samples)
+    if estimator == "grpo":
+        advantages = (groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + 1e-6)
+    elif estimator == "rloo":
+        advantages = groups - (groups.sum(-1, keepdim=True) - groups) / (samples - 1)
+    else:
+        raise ValueError(f"unknown group estimator {estimator!r}")
+    return advantages.reshape(-1)
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Discounted sum of the rewards from each response token to the end (REINFORCE), masked."""
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
+
+
 # ---------------------------------------------------------------- losses
 
 
@@ -179,6 +211,11 @@ def policy_loss(
             ratio_var=masked_var(ratio, mask),
         )
     return PolicyLoss(loss=masked_mean(torch.max(unclipped, clipped), mask), **stats)
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str) -> torch.Tensor:
+    """The KL to the reference as a loss term (GRPO's way), a mean over response tokens."""
+    return masked_mean(kl_estimate(logp, ref_logp, estimator), mask)
 
 
 def value_loss(

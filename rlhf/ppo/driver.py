@@ -1,4 +1,4 @@
-"""The Ray driver side of PPO: start or join a cluster, run the TorchTrainer, return its final checkpoint.
+"""The Ray driver side of an RL stage: start or join a cluster, run the TorchTrainer, return its final checkpoint.
 
 The run name comes from the stage fingerprint and the storage path from the
 stage's work dir, so re-entering the stage with the same fingerprint makes
@@ -12,19 +12,20 @@ from pathlib import Path
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
 from rlhf import cluster as rlhf_cluster
-from rlhf.config import Lora, PpoStage, RayConfig
+from rlhf.config import Lora, RayConfig, RlStage
 
 
 def run(
-    ppo: PpoStage, cluster: RayConfig, *, name: str, storage: Path, seed: int, policy_model: Path, reward_model: Path,
-    critic_lora: Lora | None, prompts: list, gold: str | None, mlflow_uri: str, mlflow_run_id: str,
+    stage: str, rl: RlStage, cluster: RayConfig, *, name: str, storage: Path, seed: int, policy_model: Path,
+    reward_model: Path, critic_lora: Lora | None, prompts: list, gold: str | None, mlflow_uri: str, mlflow_run_id: str,
 ) -> Path:
     """Train; returns the directory of the final checkpoint (adapter, critic, normalisation, state, history)."""
     result = rlhf_cluster.train(
         cluster,
         _train_loop,
         {
-            "ppo": ppo.model_dump(mode="json"),
+            "stage": stage,
+            "rl": rl.model_dump(mode="json"),
             "seed": seed,
             "threads": cluster.cpus_per_worker,
             "policy_model": str(policy_model),
@@ -38,8 +39,8 @@ def run(
         RunConfig(
             name=name,
             storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=ppo.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=ppo.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=rl.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=rl.keep_checkpoints),
         ),
     )
     return Path(result.checkpoint.path)

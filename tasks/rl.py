@@ -1,13 +1,14 @@
-"""Stage 4, PPO: our own engine on Ray Train, a LoRA policy against the reward model.
+"""Stage 4, RL: our own engine on Ray Train, a LoRA policy against the reward model.
 
-The policy starts from the SFT model, or without an SFT stage from
-`stages.ppo.policy` (an instruct model, say); the reward model is the reward
-stage's, or `stages.ppo.reward_model`. This task is the Ray driver. Workers
-each roll out their shard of prompts, gradients are all-reduced, rank 0 logs
-to this stage's MLflow run and writes checkpoints under the work dir;
-re-entering the stage resumes from the newest one. Outputs: `adapter/`,
+One recipe for PPO, GRPO, RLOO and REINFORCE++ (the stage's block says which
+estimator). The policy starts from the SFT model, or without an SFT stage
+from the block's `policy` (an instruct model, say); the reward model is the
+reward stage's, or the block's `reward_model`. This task is the Ray driver.
+Workers each roll out their shard of prompts, gradients are all-reduced,
+rank 0 logs to this stage's MLflow run and writes checkpoints under the work
+dir; re-entering the stage resumes from the newest one. Outputs: `adapter/`,
 `model/` (the adapter merged into the starting policy, with the tokenizer),
-`critic/`, `normalisation.json` (the score statistics of the starting
+`critic/` (PPO), `normalisation.json` (the score statistics of the starting
 policy), `history.json`.
 """
 
@@ -23,7 +24,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from rlhf import models, plots, registry
-from rlhf.config import Lora, PpoStage, ScratchModel
+from rlhf.config import Lora, RlStage, ScratchModel
 from rlhf.data.prepare import load_splits
 from rlhf.errors import InputError
 from rlhf.generation import render
@@ -33,19 +34,18 @@ from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_s
 log = logging.getLogger("rlhf")
 
 
-def train_ppo(ctx: StageContext) -> StageResult:
-    config: PpoStage = ctx.config
+def train_rl(ctx: StageContext) -> StageResult:
+    config: RlStage = ctx.config
     data_dir, start = ctx.upstream["data"], ctx.starting_policy(ctx.stage)
-    reward_model = ctx.reward_model(ctx.stage)
     gold = ctx.gold_name
 
     final = driver.run(
-        config, ctx.pipeline.ray,
-        name=f"ppo-{ctx.fingerprint}",
+        ctx.stage, config, ctx.pipeline.ray,
+        name=f"{ctx.stage}-{ctx.fingerprint}",
         storage=ctx.work / "ray",
         seed=ctx.seed,
         policy_model=start,
-        reward_model=reward_model,
+        reward_model=ctx.reward_model(ctx.stage),
         critic_lora=_critic_lora(config, ctx),
         prompts=_fitting(list(load_splits(data_dir / "prompts")["train"]["prompt"]), start, config.max_prompt_tokens),
         gold=gold,
@@ -53,14 +53,15 @@ def train_ppo(ctx: StageContext) -> StageResult:
         mlflow_run_id=ctx.run_id,
     )
 
-    shutil.copytree(final / "adapter", ctx.outputs / "adapter")
-    shutil.copytree(final / "critic", ctx.outputs / "critic")
+    for name in ("adapter", "critic"):
+        if (final / name).exists():
+            shutil.copytree(final / name, ctx.outputs / name)
     for name in ("history.json", "normalisation.json"):
         shutil.copy(final / name, ctx.outputs / name)
     _merge_policy(start, ctx)
     history = json.loads((final / "history.json").read_text())
-    mlflow.log_artifact(str(final / "history.json"), "ppo")
-    mlflow.log_dict(json.loads((final / "normalisation.json").read_text()), "ppo/normalisation.json")
+    mlflow.log_artifact(str(final / "history.json"), ctx.stage)
+    mlflow.log_dict(json.loads((final / "normalisation.json").read_text()), f"{ctx.stage}/normalisation.json")
 
     mlflow.log_figure(plots.ppo_curves(history), "plots/ppo_curves.png")
     model_uri = registry.log_policy(ctx.outputs / "model", config.max_new_tokens)
@@ -71,7 +72,8 @@ def train_ppo(ctx: StageContext) -> StageResult:
     metrics["iterations"] = float(last["iteration"])
     metrics["peak_rss_mb"] = max(h["peak_rss_mb"] for h in history)  # per worker
     seconds = sum(h["seconds_generate"] + h["seconds_score"] + h["seconds_train"] for h in history)
-    metrics["response_tokens_per_second"] = sum(h["response_length"] for h in history) * config.batch_size / seconds
+    responses = config.batch_size * config.samples_per_prompt
+    metrics["response_tokens_per_second"] = sum(h["response_length"] for h in history) * responses / seconds
     return StageResult(metrics=metrics, headline="gold" if gold else "score")
 
 
@@ -86,17 +88,19 @@ def _fitting(prompts: list, policy_dir: Path, max_tokens: int | None) -> list:
     return kept
 
 
-def _critic_lora(config: PpoStage, ctx: StageContext) -> Lora | None:
+def _critic_lora(config: RlStage, ctx: StageContext) -> Lora | None:
     """`auto`: a LoRA critic over a pretrained base, a fully trained one over a (small) scratch model."""
+    if not config.has_critic:
+        return None
     if config.critic_lora != "auto":
         return config.critic_lora
     sft = ctx.pipeline.stages.sft
     return None if sft is not None and isinstance(sft.model, ScratchModel) else Lora()
 
 
-@task(name="ppo", cache_policy=NONE, persist_result=False)
-def ppo(spec: StageSpec) -> StageRecord:
-    return run_stage(spec, train_ppo)
+@task(name="rl", cache_policy=NONE, persist_result=False)
+def rl(spec: StageSpec) -> StageRecord:
+    return run_stage(spec, train_rl)
 
 
 def _merge_policy(start: Path, ctx: StageContext) -> None:

@@ -1,0 +1,117 @@
+"""The models of an RL run, by role: the actor, its reference, the critic (PPO only) and the reward model.
+
+The actor is the starting policy with a LoRA adapter; its reference is the
+same weights with the adapter switched off, so it costs no memory. The
+critic is a trainable copy of the reward model whose score head, applied at
+every position, gives values; a critic-free method loads none. The reward
+model is frozen and scores decoded text with its own tokenizer, as in
+reward training and evaluation.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf import generation, models
+from rlhf.config import Lora, RlStage
+from rlhf.training import lora_config
+
+
+@dataclass
+class Roles:
+    actor: torch.nn.Module
+    critic: torch.nn.Module | None
+    reward: torch.nn.Module
+    tokenizer: object  # the actor's, left-padding
+    reward_tokenizer: object
+
+    def reference(self) -> AbstractContextManager:
+        """While open, the actor computes as the reference policy."""
+        return self.actor.disable_adapter()
+
+    @torch.no_grad()
+    def scores(self, prompts: list, texts: list[str]) -> torch.Tensor:
+        raw = generation.score(self.reward, self.reward_tokenizer, prompts, texts, max_length=None)
+        return torch.tensor(raw, device=self.actor.device)
+
+    def trainable(self) -> dict[str, list[torch.nn.Parameter]]:
+        models_ = {"policy": self.actor} | ({"critic": self.critic} if self.critic is not None else {})
+        return {name: [p for p in model.parameters() if p.requires_grad] for name, model in models_.items()}
+
+
+def load(policy_dir: Path, reward_dir: Path, rl: RlStage, critic_lora: Lora | None, device: torch.device) -> Roles:
+    """In this order: the LoRA initialisations draw from the seeded generator."""
+    tokenizer = models.load_tokenizer(policy_dir, padding_side="left")
+    reward_tokenizer = models.load_tokenizer(reward_dir, padding_side="left")
+    policy = actor(policy_dir, rl, device)
+    critic = _critic(reward_dir, policy_dir, tokenizer, reward_tokenizer, critic_lora, rl, device) if rl.has_critic else None
+    reward = models.load_reward_model(reward_dir).to(device).eval()
+    reward.requires_grad_(False)
+    return Roles(policy, critic, reward, tokenizer, reward_tokenizer)
+
+
+def actor(policy_dir: Path, rl: RlStage, device: torch.device):
+    from peft import get_peft_model
+
+    policy = get_peft_model(models.load_causal_lm(policy_dir), lora_config(rl.lora, "CAUSAL_LM")).to(device)
+    if rl.gradient_checkpointing:
+        policy.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy
+
+
+def _critic(reward_dir: Path, policy_dir: Path, tokenizer, reward_tokenizer, lora: Lora | None, rl: RlStage, device):
+    """The critic reads the policy's tokens, so it starts from the reward model only when every policy
+    token means the same to it; otherwise from the policy's own weights with a new value head."""
+    reward_vocab = reward_tokenizer.get_vocab()
+    if all(reward_vocab.get(token) == index for token, index in tokenizer.get_vocab().items()):
+        critic = models.load_reward_model(reward_dir)
+    else:
+        print("rl: the reward model's tokenizer differs from the policy's: the critic starts from the policy", flush=True)
+        critic = models.load_reward_model(policy_dir)
+    if lora is not None:
+        from peft import get_peft_model
+
+        critic = get_peft_model(critic, lora_config(lora, "SEQ_CLS", modules_to_save=["score"]))
+    if rl.gradient_checkpointing:
+        backbone = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return critic.to(device)
+
+
+# ---------------------------------------------------------------- forward passes over prompt + response
+
+
+def sequence(query, query_mask, response):
+    """Prompt and response as one sequence. Tokens after a response's EOS stay visible: attention is causal,
+    so no position up to the EOS can see them, and an all-ones mask keeps the fast causal attention path."""
+    input_ids = torch.cat([query, response], dim=1)
+    attention_mask = torch.cat([query_mask, torch.ones_like(response)], dim=1)
+    return input_ids, attention_mask, positions(attention_mask)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` uses them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(model, query, query_mask, response):
+    """Logits that predict each response token; the LM head never runs at the other prompt positions."""
+    input_ids, attention_mask, position_ids = sequence(query, query_mask, response)
+    keep = response.shape[1] + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=keep).logits
+    return logits[:, :-1]
+
+
+def values(critic, query, query_mask, response) -> torch.Tensor:
+    """The critic's value at each response token (the position before it)."""
+    input_ids, attention_mask, position_ids = sequence(query, query_mask, response)
+    base = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
+    hidden = getattr(base, base.base_model_prefix)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return base.score(hidden).squeeze(-1).float()[:, query.shape[1] - 1 : -1]

@@ -1,0 +1,106 @@
+"""The update: `epochs` passes of the clipped surrogate over shuffled minibatches, one optimiser step each.
+
+Losses are weighted by each micro-batch's share of the minibatch's response
+tokens on all workers, and gradients are summed across workers: the step is
+the whole minibatch's, whatever the micro-batch size or worker count. The
+critic (PPO) learns its clipped value loss in the same pass; a stage with
+the KL in its loss adds beta times the KL to the reference.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rlhf.config import RlStage
+from rlhf.ppo import algorithm as A
+from rlhf.ppo.roles import Roles, response_logits, values
+from rlhf.ppo.rollout import Rollout, summed
+
+
+def update(roles: Roles, optimisers: dict, schedulers: dict, rollout: Rollout, rl: RlStage, beta: float, precision,
+           world: int) -> tuple[dict, float]:
+    """Returns each statistic's share from this worker (summed over workers, they are means over all
+    minibatch tokens) and the seconds spent in the gradient all-reduce, waiting for slower workers included."""
+    params = roles.trainable()
+    for model in (roles.actor, roles.critic):
+        if model is not None:
+            model.train()
+    size = rollout.query.shape[0]
+    per_minibatch = size // rl.minibatches
+    per_micro = rl.micro_batch_size or per_minibatch
+    minibatches = [
+        order[start : start + per_minibatch]
+        for order in (torch.randperm(size) for _ in range(rl.epochs))
+        for start in range(0, size, per_minibatch)
+    ]
+    tokens = summed(torch.stack([rollout.mask[m].sum() for m in minibatches]), world).clamp(min=1)
+    gradients = flat_gradients([p for group in params.values() for p in group])
+    sums: dict[str, torch.Tensor] = {}
+    sync = 0.0
+    for minibatch, minibatch_tokens in zip(minibatches, tokens):
+        for optimiser in optimisers.values():
+            optimiser.zero_grad(set_to_none=False)
+        step: dict[str, torch.Tensor] = {}
+        for micro in minibatch.split(per_micro):
+            for key, value in _micro_step(roles, rollout, micro, minibatch_tokens, rl, beta, precision).items():
+                step[key] = step.get(key, 0.0) + value
+
+        clock = time.monotonic()
+        summed(gradients, world)
+        sync += time.monotonic() - clock
+        # the same on every worker after the sum; each reports its share like the other statistics
+        step["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(params["policy"], rl.max_grad_norm) / world
+        if "critic" in params:
+            torch.nn.utils.clip_grad_norm_(params["critic"], rl.max_grad_norm)
+        for name, optimiser in optimisers.items():
+            optimiser.step()
+            schedulers[name].step()
+        for key, value in step.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
+    return {key: value / len(minibatches) for key, value in sums.items()}, sync
+
+
+def _micro_step(roles: Roles, rollout: Rollout, micro, minibatch_tokens, rl: RlStage, beta: float, precision) -> dict:
+    """Backward of one micro-batch's share of the minibatch loss; its weighted statistics."""
+    query, query_mask, response, mask = rollout.query[micro], rollout.query_mask[micro], rollout.response[micro], rollout.mask[micro]
+    weight = mask.sum() / minibatch_tokens
+    with precision():
+        logits = response_logits(roles.actor, query, query_mask, response)
+    logp = A.token_logprobs(logits, response, rl.temperature)
+    pg = A.policy_loss(logp, rollout.logp[micro], rollout.advantages[micro], mask, rl.clip_ratio)
+    loss = pg.loss
+    stats = {"policy_loss": pg.loss, "policy_clip_fraction": pg.clip_fraction, "approx_kl": pg.approx_kl,
+             "ratio_mean": pg.ratio_mean, "ratio_var": pg.ratio_var}
+    if rl.kl.in_loss:
+        stats["kl_loss"] = A.kl_loss(logp, rollout.ref_logp[micro], mask, rl.kl.estimator)
+        loss = loss + beta * stats["kl_loss"]
+    (loss * weight).backward()
+    stats["entropy"] = A.masked_mean(A.entropy(logits.detach(), rl.temperature), mask)
+
+    if roles.critic is not None:
+        with precision():
+            predicted = values(roles.critic, query, query_mask, response)
+        vf_loss, vf_clip = A.value_loss(predicted, rollout.values[micro], rollout.returns[micro], mask, rl.clip_value)
+        (vf_loss * weight).backward()
+        stats |= {"value_loss": vf_loss, "value_clip_fraction": vf_clip}
+    return {key: weight * value.detach().float() for key, value in stats.items()}
+
+
+def flat_gradients(params) -> torch.Tensor:
+    """One buffer that holds every gradient, each parameter's `.grad` a view into it: a single all-reduce
+    sums them all in place, with no copies in or out."""
+    flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+    for param, grad in zip(params, flat.split([p.numel() for p in params])):
+        param.grad = grad.view_as(param)
+    return flat
+
+
+def over_workers(local: dict, world: int, device, mean: bool) -> dict[str, float]:
+    """Scalars summed, or averaged, over workers, in one all-reduce on the process group's device."""
+    keys = sorted(local)
+    stacked = summed(torch.stack([torch.as_tensor(local[k], dtype=torch.float64, device=device).reshape(()) for k in keys]), world)
+    if mean:
+        stacked /= world
+    return {k: float(v) for k, v in zip(keys, stacked.tolist())}
