@@ -24,7 +24,7 @@ def stage_task(stage: str):
     """The stage's Prefect task, named after the stage, imported only when the stage runs: a fully reused
     pipeline never loads torch."""
     module, name = GRAPH[stage].task.split(":")
-    return getattr(import_module(f"tasks.{module}"), name).with_options(name=stage)
+    return getattr(import_module(module), name).with_options(name=stage)
 
 
 @flow(name="rlhf-pipeline", flow_run_name="{pipeline}", persist_result=False)

@@ -6,6 +6,7 @@ path and the keys allowed there instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -245,6 +246,60 @@ class RewardStage(Training):
             )
 
 
+def _given_reward_model(path: Path | None) -> dict[str, str]:
+    """The digest of a reward model a stage is given instead of a reward stage's."""
+    if path is None:
+        return {}
+    if not (path / "config.json").is_file():
+        from rlhf.errors import InputError
+
+        raise InputError(f"reward_model: {path} is not a saved model directory (no config.json)")
+    from rlhf.store import digest_tree
+
+    return {"reward_model": digest_tree(path)}
+
+
+class RewardModelPairs(Strict):
+    """Two samples per prompt from the starting policy, ordered by the reward model's score (on-policy DPO)."""
+
+    source: Literal["policy"]
+    count: int = Field(2000, ge=2, description="training pairs")
+    eval_count: int = Field(200, ge=2, description="held-out pairs, from held-out prompts")
+    min_score_gap: float = Field(0.0, ge=0, description="pairs whose reward-model scores differ less are dropped")
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, ge=1, description="responses generated at once")
+
+
+class DpoStage(Training):
+    """DPO with TRL's DPOTrainer: a LoRA policy on the SFT model (or `policy`), its reference the same model
+    without the adapter, on the data stage's preference pairs or on pairs it samples and the reward model labels."""
+
+    _trl_config = "DPOConfig"
+    policy: PretrainedModel | None = Field(None, description="the starting policy when the pipeline has no sft stage")
+    reward_model: Path | None = Field(
+        None, description="a trained reward model that labels policy pairs when the pipeline has no reward stage"
+    )
+    pairs: Annotated[Union[RewardModelPairs, DataPairs], Field(discriminator="source")]
+    beta: float = Field(0.1, gt=0, description="DPO's temperature: how far the policy may move from the reference")
+    lora: Lora | None = Lora()
+    max_new_tokens: int = Field(40, ge=1, description="what the registered policy generates by default")
+
+    def check(self, name: str, pipeline: Pipeline) -> None:
+        super().check(name, pipeline)
+        stages = pipeline.stages
+        if (stages.sft is None) == (self.policy is None):
+            raise ValueError(f"stages.{name}.policy: give it exactly when the pipeline has no sft stage")
+        labels = isinstance(self.pairs, RewardModelPairs)
+        if labels and (stages.reward is None) == (self.reward_model is None):
+            raise ValueError(f"stages.{name}.reward_model: give it exactly when the pipeline has no reward stage")
+        if not labels and stages.data.preferences is None:
+            raise ValueError(f"stages.{name}.pairs.source 'data' needs stages.data.preferences")
+
+    def external_inputs(self) -> dict[str, str]:
+        return _given_reward_model(self.reward_model)
+
+
 class KLPenalty(Strict):
     """The KL coefficient beta: fixed, or adaptive towards `target` (nats per sequence)."""
 
@@ -313,15 +368,7 @@ class RlStage(StageConfig):
             )
 
     def external_inputs(self) -> dict[str, str]:
-        if self.reward_model is None:
-            return {}
-        if not (self.reward_model / "config.json").is_file():
-            from rlhf.errors import InputError
-
-            raise InputError(f"reward_model: {self.reward_model} is not a saved model directory (no config.json)")
-        from rlhf.store import digest_tree
-
-        return {"reward_model": digest_tree(self.reward_model)}
+        return _given_reward_model(self.reward_model)
 
 
 class PpoStage(RlStage):
@@ -632,6 +679,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict, pipeline: str, overrides: list[str]) -> dict:
     """Apply `--set` overrides to one pipeline's raw mapping (keys relative to the pipeline)."""
+    if overrides:  # a block shared with other pipelines through a YAML alias changes for this one only
+        raw["pipelines"][pipeline] = copy.deepcopy(raw["pipelines"][pipeline])
     for text in overrides:
         keys, value = parse_override(text)
         node = raw["pipelines"][pipeline]

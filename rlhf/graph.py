@@ -15,6 +15,7 @@ from typing import Literal
 
 from rlhf.config import (
     DataStage,
+    DpoStage,
     EvaluateStage,
     GrpoStage,
     PpoStage,
@@ -31,7 +32,7 @@ class Stage:
     name: str
     config: type[StageConfig]
     reads: tuple[str, ...]  # upstream stages whose outputs it reads, when the pipeline has them
-    task: str  # `module:function` of its Prefect task under `tasks/`
+    task: str  # `module:function` of its Prefect task, e.g. `tasks.sft:sft`
     ray: Literal["always", "when_scaled", "never"] = "never"  # when_scaled: if the `ray` block asks for >1 worker or a GPU
     policy: bool = False  # makes a policy: `model/` and `mlflow_model.json` in its outputs
     required: bool = False
@@ -69,10 +70,11 @@ def policy_stages() -> list[str]:
 
 
 declare(
-    Stage("data", DataStage, reads=(), task="data_prep:data_prep", required=True),
-    Stage("sft", SftStage, reads=("data",), task="sft:sft", ray="when_scaled", policy=True),
-    Stage("reward", RewardStage, reads=("data", "sft"), task="reward:reward", ray="when_scaled"),
-    *(Stage(name, config, reads=("data", "sft", "reward"), task="rl:rl", ray="always", policy=True)
+    Stage("data", DataStage, reads=(), task="tasks.data_prep:data_prep", required=True),
+    Stage("sft", SftStage, reads=("data",), task="tasks.sft:sft", ray="when_scaled", policy=True),
+    Stage("reward", RewardStage, reads=("data", "sft"), task="tasks.reward:reward", ray="when_scaled"),
+    *(Stage(name, config, reads=("data", "sft", "reward"), task="tasks.rl:rl", ray="always", policy=True)
       for name, config in (("ppo", PpoStage), ("grpo", GrpoStage), ("rloo", RlooStage), ("reinforce", ReinforceStage))),
-    Stage("evaluate", EvaluateStage, reads=("data", "sft", "reward"), task="evaluate:evaluate"),
+    Stage("dpo", DpoStage, reads=("data", "sft", "reward"), task="tasks.dpo:dpo", ray="when_scaled", policy=True),
+    Stage("evaluate", EvaluateStage, reads=("data", "sft", "reward"), task="tasks.evaluate:evaluate"),
 )

@@ -1,4 +1,8 @@
-"""Preference pairs sampled from a policy and labelled by a gold reward (the demo's known truth)."""
+"""Preference pairs sampled from a policy: two responses per prompt, ordered by a scorer.
+
+The scorer is the task's gold reward (reward-model training on the demo) or
+a trained reward model (on-policy DPO).
+"""
 
 from __future__ import annotations
 
@@ -11,27 +15,46 @@ from rlhf.data.formats import Messages, text_of
 
 log = logging.getLogger("rlhf")
 
-Gold = Callable[[str, str], float]
+Scorer = Callable[[list[Messages], list[str]], list[float]]  # prompts, responses -> scores
 
 
-def label(prompt: Messages, first: str, second: str, gold: Gold, min_gap: float) -> dict | None:
-    """The pair ordered by gold, or None for a near-tie (gold within `min_gap`) or identical responses."""
-    text = text_of(prompt)
-    scores = gold(text, first), gold(text, second)
+def gold_scorer(gold: Callable[[str, str], float]) -> Scorer:
+    return lambda prompts, responses: [gold(text_of(p), r) for p, r in zip(prompts, responses)]
+
+
+def reward_model_scorer(model, tokenizer) -> Scorer:
+    return lambda prompts, responses: generation.score(model, tokenizer, prompts, responses, max_length=None)
+
+
+def policy_pairs(policy_dir, prompts, counts: dict[str, int], scorer: Scorer, min_gap: float, sampling, seed: int) -> dict[str, list[dict]]:
+    """Pairs for each split (`counts`: train, eval) from that split's prompts; `sampling` is the stage's
+    pairs block (max_new_tokens, temperature, batch_size)."""
+    from rlhf import models
+
+    policy, tokenizer = models.load_causal_lm(policy_dir), models.load_tokenizer(policy_dir)
+    return {
+        split: sample_pairs(policy, tokenizer, list(prompts[split]["prompt"]), count, scorer, min_gap,
+                            sampling.max_new_tokens, sampling.temperature, seed + offset, sampling.batch_size)
+        for (split, count), offset in zip(counts.items(), (0, 10_000))
+    }
+
+
+def label(prompt: Messages, first: str, second: str, scores: tuple[float, float], min_gap: float) -> dict | None:
+    """The pair ordered by score, or None for a near-tie (scores within `min_gap`) or identical responses."""
     if first == second or abs(scores[0] - scores[1]) < min_gap:
         return None
-    (chosen, chosen_gold), (rejected, rejected_gold) = sorted(zip((first, second), scores), key=lambda x: -x[1])
+    (chosen, chosen_score), (rejected, rejected_score) = sorted(zip((first, second), scores), key=lambda x: -x[1])
     return {
         "prompt": prompt,
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
-        "chosen_gold": chosen_gold,
-        "rejected_gold": rejected_gold,
+        "chosen_score": chosen_score,
+        "rejected_score": rejected_score,
     }
 
 
 def sample_pairs(
-    policy, tokenizer, prompts: list[Messages], count: int, gold: Gold, min_gap: float,
+    policy, tokenizer, prompts: list[Messages], count: int, scorer: Scorer, min_gap: float,
     max_new_tokens: int, temperature: float, seed: int, batch_size: int, max_rounds: int = 8,
 ) -> list[dict]:
     """`count` labelled pairs, two samples per drawn prompt."""
@@ -43,11 +66,12 @@ def sample_pairs(
         responses, _ = generation.sample(
             policy, tokenizer, doubled, max_new_tokens, temperature, seed + round_index, batch_size, phase=f"sampling round {round_index + 1}"
         )
+        scores = scorer(doubled, responses)
         for index, prompt in enumerate(drawn):
-            pair = label(prompt, responses[2 * index], responses[2 * index + 1], gold, min_gap)
+            pair = label(prompt, responses[2 * index], responses[2 * index + 1], tuple(scores[2 * index : 2 * index + 2]), min_gap)
             if pair is not None and len(pairs) < count:
                 pairs.append(pair)
         log.info("sampled %d/%d pairs (round %d)", len(pairs), count, round_index + 1)
         if len(pairs) == count:
             return pairs
-    raise RuntimeError(f"only {len(pairs)} of {count} pairs after {max_rounds} rounds: lower min_gold_gap")
+    raise RuntimeError(f"only {len(pairs)} of {count} pairs after {max_rounds} rounds: lower the minimum gap")

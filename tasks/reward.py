@@ -103,15 +103,10 @@ def _make_pairs(config: RewardStage, ctx: StageContext, policy_dir: Path) -> Non
         preferences = load_splits(data_dir / "preferences")
         write_splits({split: list(preferences[split]) for split in preferences}, ctx.work / "pairs")
         return
-    prompts = load_splits(data_dir / "prompts")
-    policy, tokenizer = models.load_causal_lm(policy_dir), models.load_tokenizer(policy_dir)
-    made = {}
-    for split, count, offset in (("train", config.pairs.count, 0), ("eval", config.pairs.eval_count, 10_000)):
-        made[split] = pairs.sample_pairs(
-            policy, tokenizer, list(prompts[split]["prompt"]), count, ctx.gold(),
-            config.pairs.min_gold_gap, config.pairs.max_new_tokens, config.pairs.temperature, ctx.seed + offset,
-            config.pairs.batch_size,
-        )
+    made = pairs.policy_pairs(
+        policy_dir, load_splits(data_dir / "prompts"), {"train": config.pairs.count, "eval": config.pairs.eval_count},
+        pairs.gold_scorer(ctx.gold()), config.pairs.min_gold_gap, config.pairs, ctx.seed,
+    )
     write_splits(made, ctx.work / "pairs")
 
 

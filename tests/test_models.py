@@ -5,7 +5,7 @@ import pytest
 from rlhf import generation, models
 from rlhf.config import PretrainedModel, ScratchModel, load_pipeline
 from rlhf.errors import InputError
-from rlhf.pairs import label
+from rlhf.pairs import gold_scorer, label
 from rlhf.synthetic_reviews import generate_examples, gold_reward
 
 SCRATCH = ScratchModel(init="scratch", vocab_size=400, hidden_size=32, layers=2, heads=2, intermediate_size=64)
@@ -76,13 +76,13 @@ def test_pair_labelling_orders_by_gold_and_drops_near_ties():
     prompt = [{"role": "user", "content": "Review the lamp."}]
     good, bad = "The lamp is great. Overall it feels superb.", "Overall it feels terrible. The design looks bad."
     for first, second in ((good, bad), (bad, good)):
-        pair = label(prompt, first, second, gold_reward, min_gap=0.25)
+        pair = label(prompt, first, second, tuple(gold_scorer(gold_reward)([prompt] * 2, [first, second])), min_gap=0.25)
         assert pair["chosen"][0]["content"] == good and pair["rejected"][0]["content"] == bad
-        assert pair["chosen_gold"] == pytest.approx(1.25) and pair["rejected_gold"] == pytest.approx(-1.25)
+        assert pair["chosen_score"] == pytest.approx(1.25) and pair["rejected_score"] == pytest.approx(-1.25)
     near = "The lamp is great. The design looks superb."  # gold 1.25 as well
-    assert label(prompt, good, near, gold_reward, min_gap=0.25) is None
-    assert label(prompt, good, near, gold_reward, min_gap=0.0) is not None
-    assert label(prompt, good, good, gold_reward, min_gap=0.0) is None  # identical responses say nothing
+    assert label(prompt, good, near, (1.25, 1.25), min_gap=0.25) is None
+    assert label(prompt, good, near, (1.25, 1.25), min_gap=0.0) is not None
+    assert label(prompt, good, good, (1.25, 1.25), min_gap=0.0) is None  # identical responses say nothing
 
 
 def test_schema_rules_for_the_training_stages(project: Path):
