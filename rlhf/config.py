@@ -148,6 +148,41 @@ class Lora(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class LoraAdapter(Lora):
+    """LoRA (Hu et al. 2021): low-rank updates to the weights, merged into the model after training."""
+
+    type: Literal["lora"]
+
+
+class PromptTuning(Strict):
+    """Prompt tuning (Lester et al. 2021): trained embeddings of virtual tokens before the input."""
+
+    type: Literal["prompt_tuning"]
+    virtual_tokens: int = Field(20, ge=1)
+    init_text: str | None = Field(None, description="start the virtual tokens from this text's embeddings (else random)")
+
+
+class PrefixTuning(Strict):
+    """Prefix tuning (Li and Liang 2021): trained keys and values of virtual tokens at every layer."""
+
+    type: Literal["prefix_tuning"]
+    virtual_tokens: int = Field(20, ge=1)
+    projection: bool = Field(False, description="reparameterise the prefix through a two-layer MLP while training")
+    projection_hidden_size: int | None = Field(None, ge=1, description="the MLP's width; null: the model's hidden size")
+
+
+class PTuning(Strict):
+    """P-tuning (Liu et al. 2021): virtual token embeddings produced by a small trained encoder."""
+
+    type: Literal["p_tuning"]
+    virtual_tokens: int = Field(20, ge=1)
+    encoder: Literal["MLP", "LSTM"] = "MLP"
+    encoder_hidden_size: int | None = Field(None, ge=1, description="null: the model's hidden size")
+
+
+Adapter = Annotated[Union[LoraAdapter, PromptTuning, PrefixTuning, PTuning], Field(discriminator="type")]
+
+
 Precision = Literal["fp32", "bf16"]
 
 
@@ -168,7 +203,6 @@ class Training(StageConfig):
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point)")
     save_total_limit: int = Field(2, ge=1)
     logging_steps: int = Field(10, ge=1)
-    lora: Lora | None = None
     precision: Precision = Field("fp32", description="bf16: mixed precision (weights, LoRA and optimizer state stay fp32)")
     gradient_checkpointing: bool = False
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -200,14 +234,28 @@ class SftStage(Training):
 
     _trl_config = "SFTConfig"
     model: ModelSource
+    adapter: Adapter | None = Field(None, description="null trains the whole model; else lora, prompt_tuning, prefix_tuning or p_tuning")
     samples: int = Field(8, ge=0, description="eval prompts to generate for the samples table")
     max_new_tokens: int = Field(48, ge=1)
 
     @model_validator(mode="after")
     def _scratch_is_full(self) -> SftStage:
-        if isinstance(self.model, ScratchModel) and self.lora is not None:
-            raise ValueError("a scratch model starts from random weights: train it fully (lora: null)")
+        if isinstance(self.model, ScratchModel) and self.adapter is not None:
+            raise ValueError("a scratch model starts from random weights: train it fully (adapter: null)")
         return self
+
+    def check(self, name: str, pipeline: Pipeline) -> None:
+        super().check(name, pipeline)
+        if self.adapter is None or isinstance(self.adapter, LoraAdapter):
+            return
+        from rlhf.graph import GRAPH
+
+        builds_on = [s for s in pipeline.stages.declared() if name in GRAPH[s].reads and s not in ("evaluate", "reward")]
+        if builds_on or (pipeline.stages.reward is not None and pipeline.stages.reward.model is None):
+            raise ValueError(
+                f"stages.{name}.adapter: a {self.adapter.type} policy cannot be merged into a model for "
+                f"{', '.join(builds_on) or 'reward'} to start from; use lora or train the whole model"
+            )
 
 
 class PolicyPairs(Strict):
@@ -233,6 +281,7 @@ class RewardStage(Training):
 
     _trl_config = "RewardConfig"
     model: ModelSource | None = Field(None, description="null: the SFT stage's model")
+    lora: Lora | None = None
     pairs: Annotated[Union[PolicyPairs, DataPairs], Field(discriminator="source")]
 
     def check(self, name: str, pipeline: Pipeline) -> None:
@@ -282,7 +331,7 @@ class DpoStage(Training):
     )
     pairs: Annotated[Union[RewardModelPairs, DataPairs], Field(discriminator="source")]
     beta: float = Field(0.1, gt=0, description="DPO's temperature: how far the policy may move from the reference")
-    lora: Lora | None = Lora()
+    adapter: Adapter = LoraAdapter(type="lora")
     max_new_tokens: int = Field(40, ge=1, description="what the registered policy generates by default")
 
     def check(self, name: str, pipeline: Pipeline) -> None:

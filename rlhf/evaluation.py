@@ -32,7 +32,8 @@ def sequence_logprobs(model, tokenizer, prompts, responses: list[str]) -> list[f
     for prompt, response in zip(prompts, responses):
         context = len(tokenizer(render(tokenizer, prompt), add_special_tokens=False).input_ids)
         full = tokenizer(render(tokenizer, prompt, response), add_special_tokens=False, return_tensors="pt").input_ids
-        logits = model(input_ids=full).logits[0, context - 1 : -1]
+        logits = model(input_ids=full).logits[0, -full.shape[1] :]  # prompt tuning puts its virtual tokens first
+        logits = logits[context - 1 : -1]
         tokens = full[0, context:]
         totals.append(torch.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).sum().item())
     return totals

@@ -236,8 +236,16 @@ def load_tokenizer(directory: Path, padding_side: str = "right"):
 
 
 # Models this project saved, or a reward model a pipeline names: safetensors only, never pickles.
+PROMPT_ADAPTER = "prompt"  # inside a saved policy: a prompt-learning adapter to apply to its weights
+
+
 def load_causal_lm(directory: Path):
-    return AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+    if (Path(directory) / PROMPT_ADAPTER).is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, Path(directory) / PROMPT_ADAPTER)
+    return model
 
 
 def load_reward_model(directory: Path):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from rlhf import models, progress, stage_log
-from rlhf.config import Lora, Training
+from rlhf.config import Adapter, Lora, PrefixTuning, PromptTuning, Training
 from rlhf.store import digest_tree
 
 log = logging.getLogger("rlhf")
@@ -101,19 +102,28 @@ def check_trainer_args(config_class: str, extra: dict) -> None:
         raise ValueError(f"trl.{config_class} refuses them: {exc}".replace("\n", " ")) from None
 
 
-def lora_config(lora: Lora | None, task_type: str, modules_to_save: list[str] | None = None):
-    if lora is None:
-        return None
-    from peft import LoraConfig
+def peft_config(adapter: Lora | Adapter | None, task_type: str, modules_to_save: list[str] | None = None,
+                base: Path | None = None):
+    """peft's config for an adapter block (a bare `Lora` block is LoRA); None trains the whole model.
+    `base` is the model directory whose tokenizer turns a prompt-tuning `init_text` into tokens."""
+    import peft
 
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type=task_type,
-        modules_to_save=modules_to_save,
-    )
+    if adapter is None:
+        return None
+    if isinstance(adapter, Lora):
+        return peft.LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                               target_modules=adapter.target_modules, task_type=task_type, modules_to_save=modules_to_save)
+    common = {"num_virtual_tokens": adapter.virtual_tokens, "task_type": task_type}
+    if isinstance(adapter, PromptTuning):
+        if adapter.init_text is None:
+            return peft.PromptTuningConfig(**common)
+        return peft.PromptTuningConfig(**common, prompt_tuning_init="TEXT", prompt_tuning_init_text=adapter.init_text,
+                                       tokenizer_name_or_path=str(base))
+    if isinstance(adapter, PrefixTuning):
+        return peft.PrefixTuningConfig(**common, prefix_projection=adapter.projection,
+                                       encoder_hidden_size=adapter.projection_hidden_size)
+    return peft.PromptEncoderConfig(**common, encoder_reparameterization_type=adapter.encoder,
+                                    encoder_hidden_size=adapter.encoder_hidden_size)
 
 
 class SealCheckpoints(TrainerCallback):
@@ -176,10 +186,16 @@ def peak_rss_mb() -> float:
 
 
 def save_policy(trainer, tokenizer, outputs: Path) -> None:
-    """The trained model with its tokenizer; a LoRA adapter is kept and also merged into the base."""
+    """The trained model with its tokenizer in `model/`. A LoRA adapter is kept in `adapter/` and merged
+    into `model/`; a prompt-learning adapter cannot be merged: `model/` holds the base model and the
+    adapter in `model/prompt/`, which `models.load_causal_lm` applies."""
     model = trainer.model
-    if hasattr(model, "merge_and_unload"):
+    if hasattr(model, "peft_config"):
         models.save_adapter(model, outputs / "adapter")
-        model = model.merge_and_unload()
+        if model.active_peft_config.is_prompt_learning:
+            shutil.copytree(outputs / "adapter", outputs / "model" / models.PROMPT_ADAPTER)
+            model = model.get_base_model()
+        else:
+            model = model.merge_and_unload()
     model.save_pretrained(outputs / "model")
     tokenizer.save_pretrained(outputs / "model")

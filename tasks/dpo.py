@@ -22,7 +22,7 @@ from prefect.cache_policies import NONE
 from trl import DPOConfig, DPOTrainer
 
 from rlhf import models, pairs, registry, training, trl_fit
-from rlhf.config import DpoStage, RewardModelPairs
+from rlhf.config import DpoStage, LoraAdapter, RewardModelPairs
 from rlhf.data.prepare import load_splits, write_splits
 from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
 
@@ -41,8 +41,9 @@ def train_dpo(ctx: StageContext) -> StageResult:
     )
     data = load_splits(pair_dir)
     write_splits({split: list(data[split]) for split in data}, ctx.outputs / "pairs")
-    model_uri = registry.log_policy(ctx.outputs / "model", config.max_new_tokens)
-    (ctx.outputs / "mlflow_model.json").write_text(json.dumps({"model_uri": model_uri}))
+    if isinstance(config.adapter, LoraAdapter):  # a prompt-learning policy is no plain transformers model to log
+        model_uri = registry.log_policy(ctx.outputs / "model", config.max_new_tokens)
+        (ctx.outputs / "mlflow_model.json").write_text(json.dumps({"model_uri": model_uri}))
 
     metrics = {
         "eval_loss": fitted.eval["eval_loss"],
@@ -71,7 +72,7 @@ def make_trainer(config: dict, seed: int, start: Path, pair_dir: Path, workers: 
         train_dataset=data["train"],
         eval_dataset=training.eval_subset(data["eval"], config.eval_rows, seed),
         processing_class=tokenizer,
-        peft_config=training.lora_config(config.lora, "CAUSAL_LM"),
+        peft_config=training.peft_config(config.adapter, "CAUSAL_LM", base=start),
     )
     return trainer, tokenizer
 

@@ -100,10 +100,11 @@ def _register(config: EvaluateStage, ctx: StageContext, metrics: dict, hacking: 
     """Register the candidate policy when the gates pass; returns the new version (0 when not registered)."""
     win_rate = metrics.get("win_rate_gold", metrics["win_rate_score"])
     gates = config.registry
-    if gates is None or hacking or win_rate < gates.min_win_rate or metrics["kl_to_baseline"] > gates.max_kl:
+    logged = ctx.upstream[config.candidate] / "mlflow_model.json"  # absent for a prompt-learning policy
+    if gates is None or hacking or win_rate < gates.min_win_rate or metrics["kl_to_baseline"] > gates.max_kl or not logged.exists():
         mlflow.set_tag("rlhf.registered", "false")
         return 0
-    model_uri = json.loads((ctx.upstream[config.candidate] / "mlflow_model.json").read_text())["model_uri"]
+    model_uri = json.loads(logged.read_text())["model_uri"]
     version = registry.register(model_uri, f"{ctx.pipeline_name}-policy")
     mlflow.set_tag("rlhf.registered", f"{ctx.pipeline_name}-policy/{version}")
     return int(version)

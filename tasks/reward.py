@@ -79,7 +79,7 @@ def make_trainer(config: dict, seed: int, base: Path, pair_dir: Path, workers: i
         train_dataset=data["train"],
         eval_dataset=training.eval_subset(data["eval"], config.eval_rows, seed),
         processing_class=tokenizer,
-        peft_config=training.lora_config(config.lora, "SEQ_CLS", modules_to_save=["score"]),
+        peft_config=training.peft_config(config.lora, "SEQ_CLS", modules_to_save=["score"]),
     )
     return trainer, tokenizer
 

@@ -63,7 +63,7 @@ def make_trainer(config: dict, seed: int, base: Path, data_dir: Path, workers: i
         train_dataset=data["train"],
         eval_dataset=training.eval_subset(data["eval"], config.eval_rows, seed),
         processing_class=tokenizer,
-        peft_config=training.lora_config(config.lora, "CAUSAL_LM"),
+        peft_config=training.peft_config(config.adapter, "CAUSAL_LM", base=base),
     )
     return trainer, tokenizer
 

@@ -89,7 +89,7 @@ def test_schema_rules_for_the_training_stages(project: Path):
     with pytest.raises(InputError, match="train it fully"):
         load_pipeline(
             project / "pipelines.yaml", "tiny",
-            ["stages.sft.model.init=scratch", "stages.sft.learning_rate=0.01", "stages.sft.lora.r=8"],
+            ["stages.sft.model.init=scratch", "stages.sft.learning_rate=0.01", "stages.sft.adapter={type: lora, r: 8}"],
         )
     with pytest.raises(InputError, match="stages.reward.model is required when the pipeline has no sft stage"):
         load_pipeline(project / "pipelines.yaml", "tiny", ["stages.reward.pairs.source=data", "stages.reward.learning_rate=0.01"])

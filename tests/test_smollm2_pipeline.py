@@ -29,13 +29,14 @@ pipelines:
         eval_fraction: 0.1
       sft:
         model: {SMOLLM2}
-        <<: &train {{lora: {{r: 4, alpha: 8}}, batch_size: 2, max_steps: 2, max_length: 64, eval_steps: 2, eval_rows: 4,
-                     save_steps: 2, logging_steps: 1}}
+        <<: &train {{batch_size: 2, max_steps: 2, max_length: 64, eval_steps: 2, eval_rows: 4, save_steps: 2, logging_steps: 1}}
+        adapter: {{type: lora, r: 4, alpha: 8}}
         learning_rate: 0.0002
         samples: 2
         max_new_tokens: 8
       reward:
         <<: *train
+        lora: {{r: 4, alpha: 8}}
         pairs: {{source: data}}
         learning_rate: 0.0005
       ppo: &ppo
@@ -65,6 +66,7 @@ pipelines:
       reward:
         model: {SMOLLM2}
         <<: *train
+        lora: {{r: 4, alpha: 8}}
         pairs: {{source: policy, count: 4, eval_count: 2, min_gold_gap: 0.0, max_new_tokens: 8, temperature: 1.0}}
         learning_rate: 0.0005
       ppo:

@@ -18,7 +18,7 @@ import torch
 
 from rlhf import generation, models
 from rlhf.config import Lora, RlStage
-from rlhf.training import lora_config
+from rlhf.training import peft_config
 
 
 @dataclass
@@ -57,7 +57,7 @@ def load(policy_dir: Path, reward_dir: Path, rl: RlStage, critic_lora: Lora | No
 def actor(policy_dir: Path, rl: RlStage, device: torch.device):
     from peft import get_peft_model
 
-    policy = get_peft_model(models.load_causal_lm(policy_dir), lora_config(rl.lora, "CAUSAL_LM")).to(device)
+    policy = get_peft_model(models.load_causal_lm(policy_dir), peft_config(rl.lora, "CAUSAL_LM")).to(device)
     if rl.gradient_checkpointing:
         policy.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy
@@ -75,7 +75,7 @@ def _critic(reward_dir: Path, policy_dir: Path, tokenizer, reward_tokenizer, lor
     if lora is not None:
         from peft import get_peft_model
 
-        critic = get_peft_model(critic, lora_config(lora, "SEQ_CLS", modules_to_save=["score"]))
+        critic = get_peft_model(critic, peft_config(lora, "SEQ_CLS", modules_to_save=["score"]))
     if rl.gradient_checkpointing:
         backbone = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
