@@ -56,9 +56,8 @@ def evaluate_policies(ctx: StageContext) -> StageResult:
     mean, std = statistics.fmean(results["baseline"]["raw"]), statistics.pstdev(results["baseline"]["raw"]) or 1.0
     for result in results.values():
         result["score"] = [(s - mean) / std for s in result.pop("raw")]
-    candidate_logp, baseline_logp = (
-        evaluation.sequence_logprobs(policies[role], tokenizer, prompts, results["candidate"]["responses"]) for role in ROLES
-    )
+    # KL(candidate || baseline), estimated on the candidate's own responses
+    logp = {role: evaluation.sequence_logprobs(policies[role], tokenizer, prompts, results["candidate"]["responses"]) for role in ROLES}
 
     metrics = {"prompts": float(config.prompts), "distinct_held_out_prompts": float(len(held_out))}
     for role, result in results.items():
@@ -72,7 +71,7 @@ def evaluate_policies(ctx: StageContext) -> StageResult:
             metrics[f"{role}.gold_mean"] = statistics.fmean(result["gold"])
     metrics["score_gain"] = metrics["candidate.score_mean"] - metrics["baseline.score_mean"]
     metrics["win_rate_score"] = evaluation.win_rate(results["candidate"]["score"], results["baseline"]["score"])
-    metrics["kl_to_baseline"] = statistics.fmean(c - b for c, b in zip(candidate_logp, baseline_logp))
+    metrics["kl_to_baseline"] = statistics.fmean(c - b for c, b in zip(logp["candidate"], logp["baseline"]))
     if gold:
         metrics["gold_gain"] = metrics["candidate.gold_mean"] - metrics["baseline.gold_mean"]
         metrics["win_rate_gold"] = evaluation.win_rate(results["candidate"]["gold"], results["baseline"]["gold"])
