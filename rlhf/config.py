@@ -258,16 +258,22 @@ class SftStage(Training):
             )
 
 
-class PolicyPairs(Strict):
-    """Two samples per prompt from the starting policy (the SFT model, else the stage's own model), labelled by gold."""
+class SampledPairs(Strict):
+    """Two samples per prompt from the starting policy (the SFT model, else the stage's own), held-out pairs
+    from held-out prompts."""
 
     source: Literal["policy"]
     count: int = Field(3000, ge=2, description="training pairs")
     eval_count: int = Field(300, ge=2, description="held-out pairs, from held-out prompts")
-    min_gold_gap: float = Field(0.25, ge=0, description="pairs whose gold rewards differ less are dropped")
     max_new_tokens: int = Field(40, ge=1)
     temperature: float = Field(1.0, gt=0)
     batch_size: int = Field(128, ge=1, description="responses generated at once (a small model samples faster in bigger batches)")
+
+
+class PolicyPairs(SampledPairs):
+    """Sampled pairs ordered by the task's gold reward (reward-model training)."""
+
+    min_gold_gap: float = Field(0.25, ge=0, description="pairs whose gold rewards differ less are dropped")
 
 
 class DataPairs(Strict):
@@ -308,16 +314,10 @@ def _given_reward_model(path: Path | None) -> dict[str, str]:
     return {"reward_model": digest_tree(path)}
 
 
-class RewardModelPairs(Strict):
-    """Two samples per prompt from the starting policy, ordered by the reward model's score (on-policy DPO)."""
+class RewardModelPairs(SampledPairs):
+    """Sampled pairs ordered by the reward model's score (on-policy DPO)."""
 
-    source: Literal["policy"]
-    count: int = Field(2000, ge=2, description="training pairs")
-    eval_count: int = Field(200, ge=2, description="held-out pairs, from held-out prompts")
     min_score_gap: float = Field(0.0, ge=0, description="pairs whose reward-model scores differ less are dropped")
-    max_new_tokens: int = Field(40, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    batch_size: int = Field(128, ge=1, description="responses generated at once")
 
 
 class DpoStage(Training):

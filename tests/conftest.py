@@ -69,11 +69,11 @@ pipelines:
       experiment: tests-ppo
     seed: 0
     schedule: {cron: "0 0 1 1 *", timezone: Europe/Berlin}  # registered by the server tests, never due in them
-    ray:
+    ray: &two-workers
       num_workers: 2
     stages:
       <<: *train
-      sft: {<<: *sft, max_steps: 60}  # samples the reward model tells apart (held-out accuracy ~0.7)
+      sft: &sft60 {<<: *sft, max_steps: 60}  # samples the reward model tells apart (held-out accuracy ~0.7)
       ppo:
         learning_rate: 0.003  # PPO raises the reward model's score within the 30 iterations
         iterations: 30
@@ -83,10 +83,30 @@ pipelines:
         max_new_tokens: 12
         checkpoint_every: 5
         samples_every: 15
-      evaluate:
+      evaluate: &tiny-evaluate
         prompts: 16
         max_new_tokens: 12
         registry: {min_win_rate: 0.0, max_kl: 1000}
+  tiny-grpo:
+    description: tiny-ppo's stages (reused from it) and GRPO instead of PPO
+    tracking: {experiment: tests-ppo}
+    ray: *two-workers
+    stages:
+      <<: *train
+      sft: *sft60
+      grpo: {learning_rate: 0.003, iterations: 10, batch_size: 4, samples_per_prompt: 2, minibatches: 1, epochs: 2,
+             max_new_tokens: 12, checkpoint_every: 5}
+      evaluate: *tiny-evaluate
+  tiny-dpo:
+    description: tiny-ppo's stages (reused from it) and on-policy DPO on Ray Train instead of PPO
+    tracking: {experiment: tests-ppo}
+    ray: *two-workers
+    stages:
+      <<: *train
+      sft: *sft60
+      dpo: {pairs: {source: policy, count: 32, eval_count: 8, max_new_tokens: 12}, learning_rate: 0.003, batch_size: 8,
+            max_steps: 8, eval_steps: 4, save_steps: 4, logging_steps: 2, eval_rows: 8}
+      evaluate: *tiny-evaluate
   hh-tiny:
     description: the real-data path on the shipped HH-RLHF sample, tiny model, few steps
     tracking:

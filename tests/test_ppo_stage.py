@@ -226,3 +226,37 @@ def test_the_dashboard_shows_the_run_through_the_rest_api(reference):
 def client_parent(home: Path, run_id: str) -> str:
     mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
     return mlflow.MlflowClient().get_run(run_id).data.tags["mlflow.parentRunId"]
+
+
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_another_method_reuses_the_stages_of_another_pipeline_and_is_evaluated(reference, method):
+    project, home = reference
+    cli = Cli(project, home)
+    done = cli("run", f"tiny-{method}", timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = {cells[1].strip(): cells[2].strip() for cells in (line.split("│") for line in done.stdout.splitlines())
+            if len(cells) == 7 and cells[1].strip()}
+    assert rows == {"data": "reused", "sft": "reused", "reward": "reused", method: "ran", "evaluate": "ran"}, done.stdout
+    status = cli("status", f"tiny-{method}")
+    assert status.stdout.count("complete (made by pipeline tiny-ppo)") == 3, status.stdout
+
+    [path] = (home / "runs" / f"tiny-{method}" / method).glob("*/manifest.json")
+    made = json.loads(path.read_text())
+    outputs = Path(made["outputs"]["path"])
+    assert (outputs / "model" / "config.json").exists() and (outputs / "mlflow_model.json").exists()
+    assert not (outputs / "critic").exists()  # neither loads nor saves a critic
+    [path] = (home / "runs" / f"tiny-{method}" / "evaluate").glob("*/manifest.json")
+    evaluation = json.loads((Path(json.loads(path.read_text())["outputs"]["path"]) / "evaluation.json").read_text())
+    assert (evaluation["candidate"], evaluation["baseline"]) == (method, "sft")
+    assert evaluation["metrics"]["kl_to_baseline"] > 0.0001 and math.isfinite(evaluation["metrics"]["score_gain"])
+    mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
+    metrics = mlflow.MlflowClient().get_run(made["mlflow_run_id"]).data.metrics
+    if method == "grpo":
+        steps = json.loads((outputs / "history.json").read_text())
+        assert len(steps) == 10 and all("kl_loss" in h and "value_loss" not in h for h in steps)
+        assert abs(steps[0]["kl"]) < 1e-4 and steps[0]["ratio_mean"] == pytest.approx(1.0, abs=0.05)
+        assert "grpo/kl_loss" in metrics
+    else:
+        assert made["metrics"]["train_steps"] == 8 and made["metrics"]["train_pairs"] == 32
+        # the first step's loss is log 2 (the policy is its reference); learning takes the mean below it
+        assert made["metrics"]["train_loss"] < math.log(2) and "dpo.eval_loss" in metrics
