@@ -34,9 +34,9 @@ def run(home: Path, pipeline: str, seed: int) -> None:
 
 
 def manifest(home: Path, pipeline: str, stage: str, seed: int) -> dict:
+    """The stage's newest result for this seed (a rerun, `--from`, makes another)."""
     found = [json.loads(p.read_text()) for p in (home / "runs" / pipeline / stage).glob("*/manifest.json")]
-    [chosen] = [m for m in found if m["seed"] == seed]
-    return chosen
+    return max((m for m in found if m["seed"] == seed), key=lambda m: m["finished_at"])
 
 
 def row(home: Path, method: str, seed: int) -> dict:
@@ -68,13 +68,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/rlhf-methods"))
     parser.add_argument("--home", type=Path, help="the rlhf home (default: WORK/home); one with demo runs saves their time")
+    parser.add_argument("--report", action="store_true", help="run nothing: the table of what the home holds")
     args = parser.parse_args()
     home = args.home or args.work / "home"
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in args.seeds:
         for method in ["ppo"] + [m for m in args.methods if m != "ppo"]:  # demo first: it makes the shared stages
-            run(home, METHODS[method], seed)
+            if not args.report:
+                run(home, METHODS[method], seed)
             if method in args.methods:
                 rows.append(row(home, method, seed))
                 print(json.dumps(rows[-1]), flush=True)

@@ -2,6 +2,7 @@
 store, at tiny scale."""
 
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -168,6 +169,13 @@ def test_reward_model_on_real_hh_rlhf_dialogues(cli):
     assert data["metrics"]["preferences.dropped.identical"] == 6
     kept = data["metrics"]["preferences.train.rows"] + data["metrics"]["preferences.eval.rows"]
     assert 985 <= kept <= 994
-    assert reward["metrics"]["train_steps"] == 10 and 0 <= reward["metrics"]["eval_accuracy"] <= 1
+    assert reward["metrics"]["train_steps"] == 10
     mlflow.set_tracking_uri(f"sqlite:///{cli.home}/mlflow.db")
     assert "eval_accuracy" in mlflow.get_run(reward["mlflow_run_id"]).data.metrics
+    # ten steps teach a scratch model little about real dialogues; what must hold is that it scores them:
+    # finite scores that differ between replies, and an accuracy that is the share of pairs they order right
+    table = json.loads(Path(mlflow.MlflowClient().download_artifacts(reward["mlflow_run_id"], "reward/held_out_pairs.json")).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    scores = [r[key] for r in rows for key in ("chosen_score", "rejected_score")]
+    assert len(rows) == reward["metrics"]["eval_pairs"] and all(map(math.isfinite, scores)) and len(set(scores)) > len(rows)
+    assert reward["metrics"]["eval_accuracy"] == pytest.approx(sum(r["chosen_score"] > r["rejected_score"] for r in rows) / len(rows))
