@@ -162,7 +162,7 @@ def status(pipeline: PipelineArg = None, overrides: SetOption = None, config: Co
     name, parsed = load_pipeline(_config(config), pipeline, overrides or [])
     table = Table(title=f"pipeline {name}  (home {state['home']})")
     for column in ("stage", "state", "fingerprint", "finished at", "headline", "MLflow run"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("state", "fingerprint"))
     for row in stage_states(state["home"], name, parsed):
         table.add_row(*row)
     console.print(table)

@@ -180,7 +180,7 @@ def stage_states(home: Path, name: str, pipeline: Pipeline) -> list[tuple[str, .
             planner.complete(stage, manifest["outputs"]["digest"], stage_dir.outputs)
             headline = manifest.get("headline")
             shown = f"{headline} = {manifest['metrics'][headline]:.6g}" if headline else ""
-            where = "" if stage_dir == spec.dir else f" (made by pipeline {stage_dir.root.parents[1].name})"
+            where = "" if stage_dir == spec.dir else f" (from {stage_dir.root.parents[1].name})"  # made by that pipeline
             rows.append((stage, f"complete{where}", spec.fingerprint, manifest["finished_at"][:19], shown, manifest["mlflow_run_id"]))
         elif spec.dir.is_busy():
             rows.append((stage, "running", spec.fingerprint, "", "", ""))

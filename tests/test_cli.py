@@ -43,7 +43,8 @@ def test_help_shows_the_defaults(project):
 
 @pytest.mark.parametrize(
     "words, expected",
-    [("rlhf ru", ["run"]), ("rlhf run t", ["tiny", "tiny-rlhf", "tiny-ppo"]), ("rlhf run --from r", ["reward"])],
+    [("rlhf ru", ["run"]), ("rlhf run tiny-", ["tiny-rlhf", "tiny-ppo", "tiny-grpo", "tiny-dpo"]),
+     ("rlhf run --from re", ["reward", "reinforce"])],
 )
 def test_shell_completion_offers_commands_pipelines_and_stages(project, words, expected):
     done = rlhf(project, _RLHF_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(len(words.split()) - 1))

@@ -238,7 +238,7 @@ def test_another_method_reuses_the_stages_of_another_pipeline_and_is_evaluated(r
             if len(cells) == 7 and cells[1].strip()}
     assert rows == {"data": "reused", "sft": "reused", "reward": "reused", method: "ran", "evaluate": "ran"}, done.stdout
     status = cli("status", f"tiny-{method}")
-    assert status.stdout.count("complete (made by pipeline tiny-ppo)") == 3, status.stdout
+    assert status.stdout.count("complete (from tiny-ppo)") == 3, status.stdout
 
     [path] = (home / "runs" / f"tiny-{method}" / method).glob("*/manifest.json")
     made = json.loads(path.read_text())
