@@ -55,12 +55,15 @@ def test_shell_completion_offers_commands_pipelines_and_stages(project, words, e
 def test_ctrl_c_exits_130_saying_how_to_resume(project):
     log = project / "run.log"
     with log.open("w") as out:
-        process = subprocess.Popen([RLHF, "--home", str(project / "home"), "run", "tiny-rlhf"], cwd=project,
-                                   stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # SFT long enough that the interrupt lands while it trains, not as Prefect opens the task run
+        process = subprocess.Popen([RLHF, "--home", str(project / "home"), "run", "tiny-rlhf", "--set", "stages.sft.max_steps=600"],
+                                   cwd=project, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while "stage sft: running" not in log.read_text():
         assert process.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.5)
+    time.sleep(3)
+    assert process.poll() is None, log.read_text()
     process.send_signal(signal.SIGINT)
     code = process.wait(timeout=120)
     tail = log.read_text().strip().splitlines()[-5:]  # servers the CLI started may still be saying goodbye
