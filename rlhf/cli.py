@@ -24,7 +24,7 @@ from rlhf import stage_log
 from rlhf.errors import InputError, StageFailed
 
 app = typer.Typer(
-    help="Run and inspect RLHF pipelines (data -> SFT -> reward model -> PPO -> evaluation).",
+    help="Run and inspect RLHF pipelines (data -> SFT -> reward model -> PPO, GRPO, RLOO, REINFORCE++ or DPO -> evaluation).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
