@@ -524,7 +524,7 @@ class RayConfig(Strict):
     )
 
     def trains_on_ray(self) -> bool:
-        """Whether the TRL stages (SFT, reward) run as Ray Train jobs too; PPO always does."""
+        """Whether training stages run as Ray Train jobs; otherwise they train in this process."""
         return self.num_workers > 1 or self.use_gpu
 
 
@@ -614,8 +614,7 @@ class Pipeline(Strict):
     def runs_on_ray(self, stage: str) -> bool:
         from rlhf.graph import GRAPH
 
-        where = GRAPH[stage].ray
-        return where == "always" or (where == "when_scaled" and self.ray.trains_on_ray())
+        return GRAPH[stage].trains and self.ray.trains_on_ray()
 
     def fingerprint(self) -> str:
         """Hash of the whole resolved pipeline config, tagged on its MLflow runs."""

@@ -11,7 +11,6 @@ the flow's tasks all derive from this table; a new stage is a recipe, a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from rlhf.config import (
     DataStage,
@@ -33,7 +32,7 @@ class Stage:
     config: type[StageConfig]
     reads: tuple[str, ...]  # upstream stages whose outputs it reads, when the pipeline has them
     task: str  # `module:function` of its Prefect task, e.g. `tasks.sft:sft`
-    ray: Literal["always", "when_scaled", "never"] = "never"  # when_scaled: if the `ray` block asks for >1 worker or a GPU
+    trains: bool = False  # on Ray Train when the `ray` block asks for >1 worker or a GPU, else in this process
     policy: bool = False  # makes a policy: `model/` and `mlflow_model.json` in its outputs
     required: bool = False
 
@@ -71,10 +70,10 @@ def policy_stages() -> list[str]:
 
 declare(
     Stage("data", DataStage, reads=(), task="tasks.data_prep:data_prep", required=True),
-    Stage("sft", SftStage, reads=("data",), task="tasks.sft:sft", ray="when_scaled", policy=True),
-    Stage("reward", RewardStage, reads=("data", "sft"), task="tasks.reward:reward", ray="when_scaled"),
-    *(Stage(name, config, reads=("data", "sft", "reward"), task="tasks.rl:rl", ray="always", policy=True)
+    Stage("sft", SftStage, reads=("data",), task="tasks.sft:sft", trains=True, policy=True),
+    Stage("reward", RewardStage, reads=("data", "sft"), task="tasks.reward:reward", trains=True),
+    *(Stage(name, config, reads=("data", "sft", "reward"), task="tasks.rl:rl", trains=True, policy=True)
       for name, config in (("ppo", PpoStage), ("grpo", GrpoStage), ("rloo", RlooStage), ("reinforce", ReinforceStage))),
-    Stage("dpo", DpoStage, reads=("data", "sft", "reward"), task="tasks.dpo:dpo", ray="when_scaled", policy=True),
+    Stage("dpo", DpoStage, reads=("data", "sft", "reward"), task="tasks.dpo:dpo", trains=True, policy=True),
     Stage("evaluate", EvaluateStage, reads=("data", "sft", "reward"), task="tasks.evaluate:evaluate"),
 )

@@ -1,4 +1,4 @@
-"""The RL loop that runs on every Ray Train worker, for PPO and its critic-free relatives.
+"""The RL loop of PPO and its critic-free relatives, on every Ray Train worker or in this process (`session.py`).
 
 Before the first iteration, samples of the starting policy under the stage's
 own sampling settings fix the mean and standard deviation that normalise the
@@ -22,7 +22,6 @@ import json
 import logging
 import random
 import resource
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,23 +38,21 @@ from rlhf.ppo import rollout as rollouts
 from rlhf.ppo.roles import Roles
 from rlhf.ppo.roles import load as load_roles
 from rlhf.ppo.rollout import PromptSampler
+from rlhf.ppo.session import RaySession
 from rlhf.ppo.update import over_workers, update
 from rlhf.seeding import seed_everything
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train entry point; `config` holds only plain values (paths, ids, the stage block)."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
+def train_loop(config: dict, session=None) -> None:
+    """Ray Train entry point (or, with a `LocalSession`, this process); `config` holds only plain values
+    (paths, ids, the stage block)."""
     setup_started = time.monotonic()
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress lines
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    if session is None:
+        logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress lines
+        session = RaySession()
+    rank, world, device = session.rank, session.world, session.device
     stage = config["stage"]
-    print(f"{stage}: worker {rank} of {world} on Ray node {ray.get_runtime_context().get_node_id()} ({device})", flush=True)
+    session.say(f"{stage}: worker {rank} of {world} in {session.place} ({device})")
     rl: RlStage = TypeAdapter(RlConfig).validate_python(config["rl"])
     torch.set_num_threads(config["threads"])
     seed_everything(config["seed"])  # the same LoRA initialisation on every worker, as data parallelism needs
@@ -83,10 +80,9 @@ def train_loop(config: dict) -> None:
     history: list[dict] = []
     start = restored_from = 0
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / "state.pt", weights_only=False)
+    with session.restored() as directory:
+        state = torch.load(directory / "state.pt", weights_only=False) if directory is not None else None
+    if state is not None:
         _trainable_load(roles.actor, state["policy"])
         if roles.critic is not None:
             _trainable_load(roles.critic, state["critic"])
@@ -100,12 +96,12 @@ def train_loop(config: dict) -> None:
         restored_from = start
         _set_rng(state["rng"][rank], device)
         if rank == 0:
-            print(f"{stage}: resuming at iteration {start} from {checkpoint.path}", flush=True)
+            session.say(f"{stage}: resuming at iteration {start} from {directory}")
     else:
         normalisation = rollouts.normalisation(roles, prompts, sampling, precision, rl, config["seed"], rank, world)
         if rank == 0:
-            print(f"{stage}: starting policy's scores: mean {normalisation['mean']:+.3f}, std {normalisation['std']:.3f} "
-                  f"over {normalisation['count']} samples", flush=True)
+            session.say(f"{stage}: starting policy's scores: mean {normalisation['mean']:+.3f}, std {normalisation['std']:.3f} "
+                        f"over {normalisation['count']} samples")
 
     logger = _MlflowLogger(config["mlflow_uri"], config["mlflow_run_id"], stage) if rank == 0 else None
     gc.collect()
@@ -164,13 +160,12 @@ def train_loop(config: dict) -> None:
             logger.log(metrics, iteration + 1)
             progress.report("iterations", iteration + 1, rl.iterations, score=metrics["score"], kl=metrics["kl"],
                             **({"gold": metrics["gold"]} if "gold" in metrics else {}))
-            print(
+            session.say(
                 f"{stage} {iteration + 1}/{rl.iterations}: score {metrics['score']:+.3f}"
                 + (f" gold {metrics['gold']:+.3f}" if "gold" in metrics else "")
                 + f" kl {metrics['kl']:.2f} beta {metrics['beta']:.3f} len {metrics['response_length']:.1f}"
                 + f" ({metrics['seconds_generate']:.1f}s gen, {metrics['seconds_score']:.1f}s score, {metrics['seconds_train']:.1f}s train"
-                + (f" of which {metrics['seconds_sync']:.1f}s gradient sync)" if world > 1 else ")"),
-                flush=True,
+                + (f" of which {metrics['seconds_sync']:.1f}s gradient sync)" if world > 1 else ")")
             )
             if (iteration + 1) % rl.samples_every == 0 or iteration + 1 == rl.iterations:
                 logger.samples(batch_prompts, texts, rollout.scores.tolist(), iteration + 1)
@@ -191,7 +186,9 @@ def train_loop(config: dict) -> None:
                 "rng": rng_states,
                 "history": history,
             }
-            _report(metrics, state, roles, rank, last)
+            with session.checkpoint(metrics, iteration + 1) as directory:
+                if directory is not None:
+                    _write_checkpoint(directory, state, roles, last)
         finished = time.monotonic()
 
 
@@ -224,25 +221,17 @@ def _set_rng(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _report(metrics: dict, state: dict, roles: Roles, rank: int, last: bool) -> None:
-    """Rank 0 writes the checkpoint (the final one also holds adapter, critic, tokenizer); all ranks report."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as directory:
-        torch.save(state, Path(directory) / "state.pt")
-        if last:
-            models.save_adapter(roles.actor, Path(directory) / "adapter")
-            if roles.critic is not None:
-                critic = roles.critic.merge_and_unload() if hasattr(roles.critic, "merge_and_unload") else roles.critic
-                critic.save_pretrained(Path(directory) / "critic")
-                roles.tokenizer.save_pretrained(Path(directory) / "critic")
-            (Path(directory) / "history.json").write_text(json.dumps(state["history"]))
-            (Path(directory) / "normalisation.json").write_text(json.dumps(state["normalisation"]))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+def _write_checkpoint(directory: Path, state: dict, roles: Roles, last: bool) -> None:
+    """The state to resume from; the final checkpoint also holds adapter, critic, tokenizer and history."""
+    torch.save(state, directory / "state.pt")
+    if last:
+        models.save_adapter(roles.actor, directory / "adapter")
+        if roles.critic is not None:
+            critic = roles.critic.merge_and_unload() if hasattr(roles.critic, "merge_and_unload") else roles.critic
+            critic.save_pretrained(directory / "critic")
+            roles.tokenizer.save_pretrained(directory / "critic")
+        (directory / "history.json").write_text(json.dumps(state["history"]))
+        (directory / "normalisation.json").write_text(json.dumps(state["normalisation"]))
 
 
 class _MlflowLogger:
