@@ -29,7 +29,7 @@ def setup(tiny_model):
     directory, _, prompts = tiny_model
     roles = _roles(directory, PPO)
     sampling = generation.sampling_config(roles.tokenizer, PPO.max_new_tokens, PPO.temperature)
-    query, query_mask, response, _, ended = rollouts.generate(roles.actor, roles.tokenizer, prompts, sampling, PPO, CPU)
+    query, query_mask, response, _, ended = rollouts.generate(roles.actor, roles.tokenizer, prompts, sampling, CPU)
     mask = (torch.arange(10) < torch.tensor([[10], [7], [4], [2]])).float()  # unequal tokens per worker: weighting matters
     rollout = rollouts.score(roles, query, query_mask, response, mask, ended, PPO)
     rollout.scores = torch.tensor([1.5, -0.5, 0.25, 2.0])

@@ -21,7 +21,7 @@ def _step(tiny_model, rl, micro_batch_size):
     torch.manual_seed(0)
     roles = R.load(directory, directory, rl, None, CPU)
     sampling = generation.sampling_config(roles.tokenizer, rl.max_new_tokens, rl.temperature)
-    query, query_mask, response, _, ended = rollouts.generate(roles.actor, roles.tokenizer, prompts, sampling, rl, CPU)
+    query, query_mask, response, _, ended = rollouts.generate(roles.actor, roles.tokenizer, prompts, sampling, CPU)
     mask = (torch.arange(10) < torch.tensor([[10], [7], [4], [2]])).float()  # lengths differ: token weighting matters
     rollout = rollouts.score(roles, query, query_mask, response, mask, ended, rl)
     rollout.advantages = torch.linspace(-1, 1, mask.numel()).reshape(mask.shape) * mask

@@ -55,16 +55,15 @@ class PromptSampler:
 
 
 @torch.no_grad()
-def generate(policy, tokenizer, prompts, sampling, rl: RlStage, device):
-    """Prompt ids and mask, response ids at a fixed width, the response mask (through EOS), and whether each ended."""
+def generate(policy, tokenizer, prompts, sampling, device):
+    """Prompt ids and mask, response ids as wide as the longest response, the response mask (through EOS), and
+    whether each ended. Generation stops once every response has ended, so scoring and training never
+    compute positions past the longest one."""
     policy.eval()
     texts = [render(tokenizer, p) for p in prompts]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     response = generation.generate(policy, batch, sampling)
     mask, ended = A.response_mask(response, tokenizer.eos_token_id)
-    width = rl.max_new_tokens - response.shape[1]  # fixed width keeps shapes equal across workers
-    response = torch.nn.functional.pad(response, (0, width), value=tokenizer.pad_token_id)
-    mask = torch.nn.functional.pad(mask, (0, width), value=0.0)
     return batch["input_ids"], batch["attention_mask"], response, mask, ended
 
 
@@ -93,7 +92,7 @@ def normalisation(roles: Roles, prompts, sampling, precision, rl: RlStage, seed:
     for start in range(0, len(drawn), rl.batch_size):
         batch_prompts = [prompts[i] for i in drawn[start : start + rl.batch_size]]
         with precision():
-            response = generate(roles.actor, roles.tokenizer, batch_prompts, sampling, rl, roles.actor.device)[2]
+            response = generate(roles.actor, roles.tokenizer, batch_prompts, sampling, roles.actor.device)[2]
             scores = roles.scores(batch_prompts, generation.decode(roles.tokenizer, response)[0])
         totals += A.masked_moments(scores, torch.ones_like(scores))
     count, total, squares = summed(totals, world).tolist()

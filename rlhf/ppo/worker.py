@@ -115,7 +115,7 @@ def train_loop(config: dict, session=None) -> None:
 
         clock = time.monotonic()
         with precision():
-            query, query_mask, response, mask, ended = rollouts.generate(roles.actor, roles.tokenizer, batch_prompts, sampling, rl, device)
+            query, query_mask, response, mask, ended = rollouts.generate(roles.actor, roles.tokenizer, batch_prompts, sampling, device)
         texts, _ = generation.decode(roles.tokenizer, response)
         timings["seconds_generate"] = time.monotonic() - clock
 
