@@ -68,7 +68,7 @@ def make_trainer(config: dict, seed: int, start: Path, pair_dir: Path, workers: 
     tokenizer = models.load_tokenizer(start)
     trainer = DPOTrainer(
         model=models.load_causal_lm(start),
-        args=DPOConfig(**training.trainer_arguments(config, seed, output_dir, workers), beta=config.beta),
+        args=DPOConfig(**training.trainer_arguments(config, seed, output_dir, workers, len(data["train"])), beta=config.beta),
         train_dataset=data["train"],
         eval_dataset=training.eval_subset(data["eval"], config.eval_rows, seed),
         processing_class=tokenizer,

@@ -75,7 +75,7 @@ def make_trainer(config: dict, seed: int, base: Path, pair_dir: Path, workers: i
     model, tokenizer = models.new_reward_model(base)
     trainer = RewardTrainer(
         model=model,
-        args=RewardConfig(**training.trainer_arguments(config, seed, output_dir, workers)),
+        args=RewardConfig(**training.trainer_arguments(config, seed, output_dir, workers, len(data["train"]))),
         train_dataset=data["train"],
         eval_dataset=training.eval_subset(data["eval"], config.eval_rows, seed),
         processing_class=tokenizer,

@@ -59,7 +59,7 @@ def make_trainer(config: dict, seed: int, base: Path, data_dir: Path, workers: i
     tokenizer = models.load_tokenizer(base)
     trainer = SFTTrainer(
         model=models.load_causal_lm(base),
-        args=SFTConfig(**training.trainer_arguments(config, seed, output_dir, workers), completion_only_loss=True),
+        args=SFTConfig(**training.trainer_arguments(config, seed, output_dir, workers, len(data["train"])), completion_only_loss=True),
         train_dataset=data["train"],
         eval_dataset=training.eval_subset(data["eval"], config.eval_rows, seed),
         processing_class=tokenizer,
