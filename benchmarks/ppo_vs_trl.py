@@ -6,11 +6,12 @@ minibatches, LoRA r16 on all linear layers, a fully trained value model,
 random-weight Llama models (speed does not depend on what weights learnt),
 12 iterations, median of iterations 3-12. Both sides load the same saved
 models and prompts. TRL runs in its own venv, built here on first use
-(`--trl-venv`; TRL 1.13 removed PPOTrainer). Ours runs on Ray Train as
-1 worker x 2 CPUs and 2 workers x 1 CPU; the runs alternate, TRL first,
-`--runs` times, and each of ours is divided by the TRL run just before it.
-Ray's start-up (before the first iteration) is left out of the per-iteration
-figures and reported on its own. A benchmark, not a test:
+(`--trl-venv`; TRL 1.13 removed PPOTrainer). Ours runs as 1 worker x 2 CPUs
+(in this process, as a pipeline with that `ray` block does) and as 2 workers
+x 1 CPU (on Ray Train); the runs alternate, TRL first, `--runs` times, and
+each of ours is divided by the TRL run just before it. What comes before the
+first iteration (Ray's start-up, loading models) is left out of the
+per-iteration figures and reported on its own. A benchmark, not a test:
 
     .venv/bin/python benchmarks/ppo_vs_trl.py [--sizes tiny small] [--runs 2] [--precision bf16]
 """
@@ -132,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     python = trl_python(args.trl_venv)
     results: dict[tuple[str, str], list[dict]] = {}
-    startups: list[dict[str, float]] = []
+    startups: dict[str, list[dict[str, float]]] = {}  # by layout
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
@@ -148,7 +149,7 @@ def main() -> None:
                     ours["ratio"] = ours["seconds"] / trl["seconds"]
                     ours["ratios"] = {p: ours[p] / trl[p] if trl[p] else float("nan") for p in PHASES}
                     results.setdefault((size, f"ours {workers} x {cpus}"), []).append(ours)
-                    startups.append(startup)
+                    startups.setdefault(f"{workers} x {cpus}", []).append(startup)
                     print(f"run {repeat + 1} {size:5} ours {workers} x {cpus} {args.precision} {ours['seconds']:.3f} s/iteration "
                           f"({ours['ratio']:.2f} x TRL), gradient sync {ours['sync']:.3f} s; before the first iteration: Ray {startup['ray']:.1f} s, "
                           f"models and normalisation {startup['setup']:.1f} s", flush=True)
@@ -164,8 +165,10 @@ def main() -> None:
             ratio = f" ({statistics.fmean(r['ratios'][p] for r in runs):.2f})" if "ratios" in runs[0] else ""
             cells.append(f"{value:>13.3f}{ratio:>8}")
         print(f"{size:6} {engine:14} {seconds:>15} {ratios:>11} " + " ".join(cells))
-    print(f"\nours {args.precision}; per run, median: Ray start-up and teardown {statistics.median(s['ray'] for s in startups):.1f} s, "
-          f"models and normalisation samples {statistics.median(s['setup'] for s in startups):.1f} s")
+    for layout, runs in startups.items():
+        print(f"ours {layout} {args.precision}, before the first iteration (median of runs): Ray start-up and teardown "
+              f"{statistics.median(s['ray'] for s in runs):.1f} s, models and normalisation samples "
+              f"{statistics.median(s['setup'] for s in runs):.1f} s")
 
 
 if __name__ == "__main__":
