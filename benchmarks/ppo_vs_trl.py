@@ -104,7 +104,7 @@ def run_ours(work_dir: Path, prompts: list, workers: int, cpus: int, precision: 
     run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("Default").experiment_id)
     start = time.monotonic()
     final = driver.run(
-        ppo, RayConfig(num_workers=workers, cpus_per_worker=cpus), name=f"{work_dir.name}-{workers}x{cpus}-{run.info.run_id}",
+        "ppo", ppo, RayConfig(num_workers=workers, cpus_per_worker=cpus), name=f"{work_dir.name}-{workers}x{cpus}-{run.info.run_id}",
         storage=work_dir / "ray", seed=0, policy_model=work_dir / "policy", reward_model=work_dir / "reward", critic_lora=None,
         prompts=prompts, gold=None, mlflow_uri=mlflow.get_tracking_uri(), mlflow_run_id=run.info.run_id,
     )
