@@ -56,8 +56,10 @@ def test_ctrl_c_exits_130_saying_how_to_resume(project):
     log = project / "run.log"
     with log.open("w") as out:
         # SFT long enough that the interrupt lands while it trains, not as Prefect opens the task run
+        # as from a terminal: a test run in the background of a shell inherits SIGINT ignored, and so would the CLI
         process = subprocess.Popen([RLHF, "--home", str(project / "home"), "run", "tiny-rlhf", "--set", "stages.sft.max_steps=600"],
-                                   cwd=project, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                   cwd=project, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while "stage sft: running" not in log.read_text():
         assert process.poll() is None and time.monotonic() < deadline, log.read_text()

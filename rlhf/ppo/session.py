@@ -34,7 +34,7 @@ class RaySession:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.place = f"Ray node {ray.get_runtime_context().get_node_id()}"
+        self.place = f"on Ray node {ray.get_runtime_context().get_node_id()}"
 
     def say(self, line: str) -> None:
         print(line, flush=True)  # Ray forwards it to the stage's log
@@ -70,7 +70,7 @@ class RaySession:
 class LocalSession:
     """This process alone, on the CPU; the newest `keep` checkpoints stay under `directory`."""
 
-    rank, world, place = 0, 1, "this process"
+    rank, world, place = 0, 1, "in this process"
     device = torch.device("cpu")
 
     def __init__(self, directory: Path, keep: int):

@@ -52,7 +52,7 @@ def train_loop(config: dict, session=None) -> None:
         session = RaySession()
     rank, world, device = session.rank, session.world, session.device
     stage = config["stage"]
-    session.say(f"{stage}: worker {rank} of {world} in {session.place} ({device})")
+    session.say(f"{stage}: worker {rank} of {world} {session.place} ({device})")
     rl: RlStage = TypeAdapter(RlConfig).validate_python(config["rl"])
     torch.set_num_threads(config["threads"])
     seed_everything(config["seed"])  # the same LoRA initialisation on every worker, as data parallelism needs
