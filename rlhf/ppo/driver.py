@@ -8,9 +8,8 @@ from its newest checkpoint, and a changed config starts fresh.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gc
+from pathlib import Path
 
 import torch
 

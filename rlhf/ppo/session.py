@@ -89,8 +89,9 @@ class LocalSession:
 
     @contextmanager
     def checkpoint(self, metrics: dict, iteration: int) -> Iterator[Path]:
+        for stale in self.directory.glob(".partial-*"):  # left by a crash mid-write
+            shutil.rmtree(stale)
         partial = self.directory / f".partial-{iteration}"
-        shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
         partial.mkdir(parents=True)
         yield partial
         os.replace(partial, self.directory / f"{_PREFIX}{iteration:06d}")
