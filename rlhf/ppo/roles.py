@@ -51,7 +51,20 @@ def load(policy_dir: Path, reward_dir: Path, rl: RlStage, critic_lora: Lora | No
     critic = _critic(reward_dir, policy_dir, tokenizer, reward_tokenizer, critic_lora, rl, device) if rl.has_critic else None
     reward = models.load_reward_model(reward_dir).to(device).eval()
     reward.requires_grad_(False)
+    if rl.precision == "bf16":
+        for model in (policy, reward):
+            _frozen_linears_to_bf16(model)
     return Roles(policy, critic, reward, tokenizer, reward_tokenizer)
+
+
+def _frozen_linears_to_bf16(model: torch.nn.Module) -> None:
+    """Autocast rounds a frozen weight to bf16 at every matmul (it caches only trainable ones); stored
+    rounded, it gives the same products without the copies. Only run under autocast after this. An LM head
+    tied to the input embeddings stays fp32: the embeddings start the fp32 residual stream."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and id(module.weight) not in embeddings:
+            module.to(torch.bfloat16)
 
 
 def actor(policy_dir: Path, rl: RlStage, device: torch.device):
