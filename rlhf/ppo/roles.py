@@ -53,18 +53,17 @@ def load(policy_dir: Path, reward_dir: Path, rl: RlStage, critic_lora: Lora | No
     reward.requires_grad_(False)
     if rl.precision == "bf16":
         for model in (policy, reward):
-            _frozen_linears_to_bf16(model)
+            _frozen_to_bf16(model)
     return Roles(policy, critic, reward, tokenizer, reward_tokenizer)
 
 
-def _frozen_linears_to_bf16(model: torch.nn.Module) -> None:
-    """Autocast rounds a frozen weight to bf16 at every matmul (it caches only trainable ones); stored
-    rounded, it gives the same products without the copies. Only run under autocast after this. An LM head
-    tied to the input embeddings stays fp32: the embeddings start the fp32 residual stream."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and id(module.weight) not in embeddings:
-            module.to(torch.bfloat16)
+def _frozen_to_bf16(model: torch.nn.Module) -> None:
+    """Frozen weights held in bf16, as a bf16 checkpoint loads: half the memory, no rounding copy per matmul,
+    and a bf16 residual stream, which halves what the element-wise operations move. Trainable weights (LoRA)
+    stay fp32 and autocast rounds them; buffers (rotary frequencies) stay fp32."""
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
 
 
 def actor(policy_dir: Path, rl: RlStage, device: torch.device):
