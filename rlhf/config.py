@@ -381,7 +381,9 @@ class RlStage(StageConfig):
     normalisation_samples: int = Field(
         64, ge=2, description="samples of the starting policy, under these sampling settings, that fix the score mean and std"
     )
-    precision: Precision = Field("fp32", description="bf16: autocast matmuls; LoRA, critic and optimizer state stay fp32")
+    precision: Precision = Field(
+        "fp32", description="bf16: the frozen policy and reward model held in bf16, matmuls autocast; LoRA, critic and optimizer state stay fp32"
+    )
     gradient_checkpointing: bool = False
     micro_batch_size: int | None = Field(
         None, ge=1, description="sequences per forward/backward; gradients accumulate over a minibatch (null: all at once)"
