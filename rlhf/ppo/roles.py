@@ -60,10 +60,14 @@ def load(policy_dir: Path, reward_dir: Path, rl: RlStage, critic_lora: Lora | No
 def _frozen_to_bf16(model: torch.nn.Module) -> None:
     """Frozen weights held in bf16, as a bf16 checkpoint loads: half the memory, no rounding copy per matmul,
     and a bf16 residual stream, which halves what the element-wise operations move. Trainable weights (LoRA)
-    stay fp32 and autocast rounds them; buffers (rotary frequencies) stay fp32."""
+    stay fp32 and autocast rounds them; buffers (rotary frequencies) stay fp32. peft would cast a LoRA
+    layer's bf16 input up to its adapter's fp32 for autocast to round it back: the same values, two copies."""
     for param in model.parameters():
         if not param.requires_grad:
             param.data = param.data.to(torch.bfloat16)
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
 
 
 def actor(policy_dir: Path, rl: RlStage, device: torch.device):
