@@ -12,7 +12,6 @@ from rlhf.config import PpoStage, RayConfig
 from rlhf.ppo import algorithm as A
 from rlhf.ppo import driver
 from rlhf.ppo.roles import load, response_logits
-from rlhf.ppo.worker import _precision
 
 CPU = torch.device("cpu")
 
@@ -45,7 +44,7 @@ def test_bf16_log_probs_track_fp32(tiny_model):
     mask = torch.ones_like(query)
     with torch.no_grad():
         want = A.token_logprobs(response_logits(fp32.actor, query, mask, response), response, 1.0)
-        with _precision(True, CPU):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             got = A.token_logprobs(response_logits(bf16.actor, query, mask, response), response, 1.0)
             with bf16.reference():
                 reference = A.token_logprobs(response_logits(bf16.actor, query, mask, response), response, 1.0)

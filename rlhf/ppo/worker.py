@@ -23,14 +23,12 @@ import logging
 import random
 import resource
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import TypeAdapter
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rlhf import generation, gold, models, progress
 from rlhf.config import Lora, RlConfig, RlStage
@@ -66,7 +64,7 @@ def train_loop(config: dict, session=None) -> None:
     sampling = generation.sampling_config(roles.tokenizer, rl.max_new_tokens, rl.temperature)
 
     def precision():
-        return _precision(rl.precision == "bf16", device)
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=rl.precision == "bf16")
 
     seed_everything(config["seed"] * 1000 + rank)  # but each worker samples its own rollouts
 
@@ -193,18 +191,6 @@ def train_loop(config: dict, session=None) -> None:
                 if directory is not None:
                     _write_checkpoint(directory, state, roles, last)
         finished = time.monotonic()
-
-
-@contextmanager
-def _precision(bf16: bool, device: torch.device):
-    """bf16: autocast matmuls. On CPU attention then takes SDPA's math path (matmuls): the fused kernel's
-    bf16 backward took a fifth of a small model's update, and the whole update ran 15% faster without it."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        if bf16 and device.type == "cpu":
-            with sdpa_kernel(SDPBackend.MATH):
-                yield
-        else:
-            yield
 
 
 # ---------------------------------------------------------------- state
