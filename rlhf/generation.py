@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig
 
-from rlhf import progress
+from rlhf import models, progress
 from rlhf.data.formats import Messages
 
 
@@ -41,7 +41,7 @@ def sampling_config(tokenizer, max_new_tokens: int, temperature: float) -> Gener
 @contextmanager
 def _only(model, config: GenerationConfig):
     """`generate` fills unset fields from the model's generation_config; swap in ours so nothing comes from there."""
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = models.unwrapped(model)
     saved, target.generation_config = target.generation_config, config
     try:
         yield

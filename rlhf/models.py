@@ -116,6 +116,11 @@ def provision(config: ScratchModel | PretrainedModel, texts: Iterable[str], seed
     return into
 
 
+def unwrapped(model):
+    """The model under a peft wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def save_adapter(model, into: Path) -> None:
     """A peft adapter, its config byte-stable: peft writes `target_modules` from a set, in an order that
     changes with each process's hash seed, and the stage's output digest would change with it."""

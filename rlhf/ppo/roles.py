@@ -56,7 +56,7 @@ def load(policy_dir: Path, reward_dir: Path, rl: RlStage, critic_lora: Lora | No
             _frozen_to_bf16(model)
         if device.type == "cpu":  # in bf16 on CPU, SDPA's kernels took 2-5x eager attention's time forward and back
             for model in filter(None, (policy, critic, reward)):
-                (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation("eager")
+                models.unwrapped(model).set_attn_implementation("eager")
     return Roles(policy, critic, reward, tokenizer, reward_tokenizer)
 
 
@@ -96,8 +96,7 @@ def _critic(reward_dir: Path, policy_dir: Path, tokenizer, reward_tokenizer, lor
 
         critic = get_peft_model(critic, peft_config(lora, "SEQ_CLS", modules_to_save=["score"]))
     if rl.gradient_checkpointing:
-        backbone = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.unwrapped(critic).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return critic.to(device)
 
 
@@ -129,7 +128,7 @@ def response_logits(model, query, query_mask, response):
 def values(critic, query, query_mask, response) -> torch.Tensor:
     """The critic's value at each response token (the position before it)."""
     input_ids, attention_mask, position_ids = sequence(query, query_mask, response)
-    base = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
+    base = models.unwrapped(critic)
     hidden = getattr(base, base.base_model_prefix)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
