@@ -359,11 +359,24 @@ class KLPenalty(Strict):
     in_loss: bool = Field(False, description="a KL term in the loss (GRPO's way) instead of a penalty in the reward")
 
 
+LossAggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+
+
 class RlStage(StageConfig):
     """What the RL stages share: a LoRA policy on the SFT model (or `policy`), trained on Ray Train against
-    the reward model with the clipped surrogate loss; they differ in how they turn scores into advantages."""
+    the reward model with the clipped surrogate loss; they differ in how they turn scores into advantages
+    (`estimator`, registered in `rlhf/ppo/methods.py`). Dropout is off in every model (LoRA's too), so the
+    log-probs of the rollout and of the first update agree."""
 
+    has_critic: ClassVar[bool] = False
     estimator: str
+    policy_loss: Literal["clip"] = Field("clip", description="the per-token policy loss: clip, PPO's clipped surrogate")
+    loss_aggregation: LossAggregation = Field(
+        "token_mean",
+        description="how per-token losses become one: token_mean (every token of the minibatch alike, DAPO), "
+        "seq_mean_token_mean (each response's mean, then their mean: GRPO as published), seq_mean_token_sum_norm "
+        "(each response's sum over max_new_tokens: Dr. GRPO)",
+    )
     policy: PretrainedModel | None = Field(None, description="the starting policy when the pipeline has no sft stage")
     reward_model: Path | None = Field(
         None, description="a trained reward model (directory with its tokenizer) when the pipeline has no reward stage"
@@ -398,9 +411,6 @@ class RlStage(StageConfig):
     samples_every: int = Field(20, ge=1, description="iterations between sample tables in MLflow")
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
 
-    @property
-    def has_critic(self) -> bool:
-        return self.estimator == "gae"
 
     def check(self, name: str, pipeline: Pipeline) -> None:
         stages = pipeline.stages
@@ -426,6 +436,7 @@ class PpoStage(RlStage):
     """PPO: per-token rewards (the score at the end, a KL penalty at every token) and GAE advantages
     from a critic that starts as a copy of the reward model, whitened over the batch."""
 
+    has_critic: ClassVar[bool] = True
     estimator: Literal["gae"] = "gae"
     critic_learning_rate: float = Field(1e-3, gt=0)
     critic_lora: Lora | Literal["auto"] | None = Field(
@@ -460,6 +471,7 @@ class ReinforceStage(RlStage):
     batch as advantages."""
 
     estimator: Literal["reinforce++"] = "reinforce++"
+    gamma: float = Field(1.0, ge=0, le=1, description="discount of the per-token rewards in the returns-to-go")
 
 
 RlConfig = Annotated[Union[PpoStage, GrpoStage, RlooStage, ReinforceStage], Field(discriminator="estimator")]

@@ -121,6 +121,17 @@ def unwrapped(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in every layer, LoRA's included, as TRL does for RL: log-probs taken in eval mode and
+    again in train mode must agree, or the first update's ratio is not 1. Attention dropout is a float on
+    the attention modules of Llama-like models, not a Dropout layer."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def save_adapter(model, into: Path) -> None:
     """A peft adapter, its config byte-stable: peft writes `target_modules` from a set, in an order that
     changes with each process's hash seed, and the stage's output digest would change with it."""

@@ -49,7 +49,7 @@ def train_rl(ctx: StageContext) -> StageResult:
         policy_model=start,
         reward_model=ctx.reward_model(ctx.stage),
         critic_lora=_critic_lora(config, ctx),
-        prompts=_fitting(list(load_splits(data_dir / "prompts")["train"]["prompt"]), start, config.max_prompt_tokens),
+        prompts=_fitting(list(load_splits(data_dir / "prompts")["train"]["prompt"]), start, config.max_prompt_tokens, ctx.stage),
         gold=gold,
         mlflow_uri=mlflow.get_tracking_uri(),
         mlflow_run_id=ctx.run_id,
@@ -79,14 +79,14 @@ def train_rl(ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics, headline="gold" if gold else "score")
 
 
-def _fitting(prompts: list, policy_dir: Path, max_tokens: int | None) -> list:
+def _fitting(prompts: list, policy_dir: Path, max_tokens: int | None, stage: str) -> list:
     if max_tokens is None:
         return prompts
     tokenizer = models.load_tokenizer(policy_dir)
     kept = [p for p in prompts if len(tokenizer(render(tokenizer, p), add_special_tokens=False).input_ids) <= max_tokens]
-    log.info("ppo: %d of %d prompts fit in max_prompt_tokens=%d", len(kept), len(prompts), max_tokens)
+    log.info("%s: %d of %d prompts fit in max_prompt_tokens=%d", stage, len(kept), len(prompts), max_tokens)
     if not kept:
-        raise InputError(f"stages.ppo.max_prompt_tokens: no prompt is {max_tokens} tokens or shorter")
+        raise InputError(f"stages.{stage}.max_prompt_tokens: no prompt is {max_tokens} tokens or shorter")
     return kept
 
 

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from rlhf.ppo import algorithm as A
+from rlhf.ppo.methods import POLICY_LOSSES
+
+clip_loss = POLICY_LOSSES["clip"]
 
 
 def t(*rows):
@@ -25,11 +28,13 @@ def test_per_token_reward_is_kl_penalty_plus_score_on_the_last_real_token():
 
 def test_kl_estimators():
     logp, ref = t([math.log(0.5)]), t([math.log(0.25)])
-    assert A.kl_estimate(logp, ref, "k1").item() == pytest.approx(math.log(2))
+    mask = t([1.0])
+    assert A.kl_estimate(logp, ref, mask, "k1").item() == pytest.approx(math.log(2))
     # k3 = (r - 1) - log r with r = p_ref / p = 0.5
-    assert A.kl_estimate(logp, ref, "k3").item() == pytest.approx(-0.5 + math.log(2))
+    assert A.kl_estimate(logp, ref, mask, "k3").item() == pytest.approx(-0.5 + math.log(2))
+    assert A.kl_estimate(logp, ref, t([0.0]), "k3").item() == 0.0
     with pytest.raises(ValueError):
-        A.kl_estimate(logp, ref, "k9")
+        A.kl_estimate(logp, ref, mask, "k9")
 
 
 def test_kl_controller_fixed_and_adaptive():
@@ -81,15 +86,15 @@ def test_clipped_policy_loss_by_hand():
     old = t([0.0, 0.0])
     new = t([math.log(1.5), math.log(0.5)])  # ratios 1.5 and 0.5
     mask = t([1, 1])
-    out = A.policy_loss(new, old, t([1.0, 1.0]), mask, clip=0.2)
+    out = clip_loss(new, old, t([1.0, 1.0]), mask, 0.2)
     # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(-0.5, -0.8) = -0.5 (unclipped)
-    assert out.loss.item() == pytest.approx((-1.2 - 0.5) / 2)
+    assert out.per_token[0].tolist() == pytest.approx([-1.2, -0.5])
     assert out.clip_fraction.item() == pytest.approx(0.5)
     assert out.ratio_mean.item() == pytest.approx(1.0)
     assert out.approx_kl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2)
-    negative = A.policy_loss(new, old, t([-1.0, -1.0]), mask, clip=0.2)
+    negative = clip_loss(new, old, t([-1.0, -1.0]), mask, 0.2)
     # token 0: max(1.5, 1.2) = 1.5; token 1: max(0.5, 0.8) = 0.8 (clipped)
-    assert negative.loss.item() == pytest.approx((1.5 + 0.8) / 2)
+    assert negative.per_token[0].tolist() == pytest.approx([1.5, 0.8])
 
 
 def test_clipped_value_loss_by_hand():
@@ -119,22 +124,6 @@ def test_response_mask_stops_after_the_first_eos():
 # ---------------------------------------------------------------- critic-free estimators
 
 
-def test_grpo_normalises_each_group_by_its_own_mean_and_unbiased_std():
-    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])  # two prompts, three samples each
-    advantages = A.group_advantages(rewards, 3, "grpo")
-    # group 1: mean 2, unbiased std 1; group 2: all equal, so no signal
-    assert advantages.tolist() == pytest.approx([-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6), 0.0, 0.0, 0.0])
-
-
-def test_rloo_subtracts_the_mean_of_the_other_samples():
-    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0])  # two prompts, two samples each: [1, 2], [6, 0]
-    assert A.group_advantages(rewards, 2, "rloo").tolist() == pytest.approx([-1.0, 1.0, 6.0, -6.0])
-    # three samples: 3 - (0 + 6) / 2 = 0, 0 - (3 + 6) / 2 = -4.5, 6 - (3 + 0) / 2 = 4.5
-    assert A.group_advantages(torch.tensor([3.0, 0.0, 6.0]), 3, "rloo").tolist() == pytest.approx([0.0, -4.5, 4.5])
-    with pytest.raises(ValueError):
-        A.group_advantages(rewards, 2, "gae")
-
-
 def test_sequence_reward_subtracts_beta_times_the_summed_kl_of_real_tokens():
     kl, mask = t([0.5, 1.0, 3.0], [2.0, 0.0, 0.0]), t([1, 1, 0], [1, 0, 0])
     assert A.sequence_rewards(torch.tensor([1.0, 2.0]), kl, mask, beta=0.1).tolist() == pytest.approx([0.85, 1.8])
@@ -146,10 +135,10 @@ def test_reinforce_returns_to_go_sum_the_rewards_ahead_and_ignore_padding():
     assert A.returns_to_go(rewards, mask, gamma=0.5)[0].tolist() == pytest.approx([-0.1 - 0.1 + 0.25, -0.2 + 0.5, 1.0, 0.0])
 
 
-def test_kl_loss_is_the_token_mean_of_the_estimator_and_pulls_towards_the_reference():
+def test_the_k3_kl_term_pulls_the_policy_towards_the_reference():
     logp = torch.tensor([[math.log(0.5), math.log(0.5), 0.0]], requires_grad=True)
     ref, mask = t([math.log(0.25), math.log(0.5), 0.0]), t([1, 1, 0])
-    loss = A.kl_loss(logp, ref, mask, "k3")
+    loss = A.masked_mean(A.kl_estimate(logp, ref, mask, "k3"), mask)
     assert loss.item() == pytest.approx((-0.5 + math.log(2) + 0.0) / 2)
     loss.backward()
     # d k3 / d logp = 1 - r with r = p_ref / p: 0.5 where the policy is above the reference, 0 where equal

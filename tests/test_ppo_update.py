@@ -37,7 +37,9 @@ def _step(tiny_model, rl, micro_batch_size):
 @pytest.mark.parametrize("rl", [
     PpoStage(batch_size=4, minibatches=1, epochs=1, max_new_tokens=10),
     GrpoStage(batch_size=4, minibatches=1, epochs=1, max_new_tokens=10),  # no critic, the KL in the loss
-], ids=["ppo", "grpo"])
+    GrpoStage(batch_size=4, minibatches=1, epochs=1, max_new_tokens=10, loss_aggregation="seq_mean_token_mean"),
+    GrpoStage(batch_size=4, minibatches=1, epochs=1, max_new_tokens=10, loss_aggregation="seq_mean_token_sum_norm"),
+], ids=["ppo", "grpo", "grpo-seq-mean", "grpo-dr"])
 def test_micro_batches_take_the_same_step_as_the_whole_minibatch(tiny_model, rl):
     whole, whole_stats = _step(tiny_model, rl, None)
     micro, micro_stats = _step(tiny_model, rl, 1)

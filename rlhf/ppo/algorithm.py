@@ -9,8 +9,6 @@ padding. Conventions follow the public reference implementations
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -79,17 +77,21 @@ def apply_missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty
     return torch.where(ended, scores, torch.full_like(scores, penalty))
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(policy || reference) estimate from samples of the policy.
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate from samples of the policy, zero where `mask` is.
 
     k1 = log r (unbiased, can be negative per token); k3 = (r - 1) - log r with
-    r = p_ref / p_policy (unbiased and always >= 0).
+    r = p_ref / p_policy (unbiased and always >= 0). The log-ratio is masked
+    before k3's exponential: a padding position's log-prob can be anything
+    (below about -88 its exponential overflows, and inf * 0 is NaN), and it is
+    clamped to +-10 there, as OpenRLHF does, so one wild token cannot swamp a loss.
     """
-    log_ratio = logp - ref_logp
+    log_ratio = (logp - ref_logp) * mask
     if estimator == "k1":
         return log_ratio
     if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
+        log_ratio = log_ratio.clamp(-10.0, 10.0)
+        return (torch.expm1(-log_ratio) + log_ratio) * mask
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
@@ -156,22 +158,6 @@ def sequence_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
     return scores - beta * (kl * mask).sum(-1)
 
 
-def group_advantages(rewards: torch.Tensor, samples: int, estimator: str) -> torch.Tensor:
-    """Advantages of responses in groups of `samples` consecutive ones, all answering the same prompt.
-
-    grpo (Shao et al. 2024): (r - group mean) / (group std + 1e-6), the std unbiased.
-    rloo (Ahmadian et al. 2024): r minus the mean of the other responses of its group.
-    """
-    groups = rewards.view(-1, samples)
-    if estimator == "grpo":
-        advantages = (groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + 1e-6)
-    elif estimator == "rloo":
-        advantages = groups - (groups.sum(-1, keepdim=True) - groups) / (samples - 1)
-    else:
-        raise ValueError(f"unknown group estimator {estimator!r}")
-    return advantages.reshape(-1)
-
-
 def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """Discounted sum of the rewards from each response token to the end (REINFORCE), masked."""
     rewards = rewards * mask
@@ -184,38 +170,6 @@ def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0)
 
 
 # ---------------------------------------------------------------- losses
-
-
-@dataclass
-class PolicyLoss:
-    loss: torch.Tensor
-    clip_fraction: torch.Tensor
-    approx_kl: torch.Tensor
-    ratio_mean: torch.Tensor
-    ratio_var: torch.Tensor
-
-
-def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
-) -> PolicyLoss:
-    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1 - c, 1 + c))."""
-    log_ratio = (logp - old_logp) * mask
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    with torch.no_grad():
-        stats = dict(
-            clip_fraction=masked_mean((clipped > unclipped).float(), mask),
-            approx_kl=0.5 * masked_mean(log_ratio**2, mask),
-            ratio_mean=masked_mean(ratio, mask),
-            ratio_var=masked_var(ratio, mask),
-        )
-    return PolicyLoss(loss=masked_mean(torch.max(unclipped, clipped), mask), **stats)
-
-
-def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str) -> torch.Tensor:
-    """The KL to the reference as a loss term (GRPO's way), a mean over response tokens."""
-    return masked_mean(kl_estimate(logp, ref_logp, estimator), mask)
 
 
 def value_loss(

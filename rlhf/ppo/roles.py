@@ -28,6 +28,7 @@ class Roles:
     reward: torch.nn.Module
     tokenizer: object  # the actor's, left-padding
     reward_tokenizer: object
+    value_offset: float = 0.0  # added to the critic's head output (`on_score_scale`)
 
     def reference(self) -> AbstractContextManager:
         """While open, the actor computes as the reference policy."""
@@ -37,6 +38,23 @@ class Roles:
     def scores(self, prompts: list, texts: list[str]) -> torch.Tensor:
         raw = generation.score(self.reward, self.reward_tokenizer, prompts, texts, max_length=None)
         return torch.tensor(raw, device=self.actor.device)
+
+    def values(self, query, query_mask, response) -> torch.Tensor:
+        return values(self.critic, query, query_mask, response) + self.value_offset
+
+    @torch.no_grad()
+    def on_score_scale(self, normalisation: dict, fresh: bool) -> None:
+        """Put the critic on the scale of its targets. It starts as the reward model, whose raw scores have
+        the normalisation's mean and std on the starting policy's samples, while the returns it learns are
+        built from normalised scores: at the start its head's weights are divided by the std (restored
+        weights already were), and its output is offset by -mean / std, as InstructGPT folds a bias into
+        its reward model. The saved critic's head is the scaled one; add the same offset to its output."""
+        if self.critic is None:
+            return
+        if fresh:
+            for param in models.unwrapped(self.critic).score.parameters():  # both copies under a peft wrapper
+                param.div_(normalisation["std"])
+        self.value_offset = -normalisation["mean"] / normalisation["std"]
 
     def trainable(self) -> dict[str, list[torch.nn.Parameter]]:
         models_ = {"policy": self.actor} | ({"critic": self.critic} if self.critic is not None else {})
@@ -51,6 +69,8 @@ def load(policy_dir: Path, reward_dir: Path, rl: RlStage, critic_lora: Lora | No
     critic = _critic(reward_dir, policy_dir, tokenizer, reward_tokenizer, critic_lora, rl, device) if rl.has_critic else None
     reward = models.load_reward_model(reward_dir).to(device).eval()
     reward.requires_grad_(False)
+    for model in filter(None, (policy, critic, reward)):  # the reference is the actor without its adapter
+        models.disable_dropout(model)
     if rl.precision == "bf16":
         for model in (policy, reward):
             _frozen_to_bf16(model)

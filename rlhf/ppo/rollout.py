@@ -18,7 +18,8 @@ from rlhf import generation
 from rlhf.config import RlStage
 from rlhf.generation import render
 from rlhf.ppo import algorithm as A
-from rlhf.ppo.roles import Roles, response_logits, values
+from rlhf.ppo.methods import ESTIMATORS, Signals
+from rlhf.ppo.roles import Roles, response_logits
 
 
 @dataclass
@@ -77,7 +78,7 @@ def score(roles: Roles, query, query_mask, response, mask, ended, rl: RlStage) -
     critic_values = None
     if roles.critic is not None:
         roles.critic.eval()
-        critic_values = values(roles.critic, query, query_mask, response) * mask
+        critic_values = roles.values(query, query_mask, response) * mask
     return Rollout(query, query_mask, response, mask, ended, None, logp * mask, ref_logp * mask, critic_values)
 
 
@@ -102,25 +103,21 @@ def normalisation(roles: Roles, prompts, sampling, precision, rl: RlStage, seed:
 
 
 def advantages(rollout: Rollout, normalisation: dict, beta: float, rl: RlStage, world: int):
-    """Fill in the rollout's advantages (and the critic's returns) by the stage's estimator.
+    """Fill in the rollout's advantages (and the critic's returns) by the stage's registered estimator.
 
     The KL to the reference is a penalty in the reward unless the stage puts it
     in the loss. Returns (scores, kl, non-score rewards) for the metrics.
     """
     scores = A.normalise_scores(rollout.scores, normalisation["mean"], normalisation["std"], rl.reward_clip)
     scores = A.apply_missing_eos_penalty(scores, rollout.ended, rl.missing_eos_penalty)
-    kl = A.kl_estimate(rollout.logp, rollout.ref_logp, rl.kl.estimator) * rollout.mask
+    kl = A.kl_estimate(rollout.logp, rollout.ref_logp, rollout.mask, rl.kl.estimator)
     penalty = 0.0 if rl.kl.in_loss else beta
     rewards, non_score = A.per_token_rewards(scores, kl, rollout.mask, penalty)
-    if rl.estimator == "gae":
-        raw, rollout.returns = A.gae(rewards, rollout.values, rollout.mask, rl.gamma, rl.lam)
-    elif rl.estimator == "reinforce++":
-        raw = A.returns_to_go(rewards, rollout.mask)
-    else:
-        per_response = A.group_advantages(A.sequence_rewards(scores, kl, rollout.mask, penalty), rl.samples_per_prompt, rl.estimator)
-        rollout.advantages = per_response.unsqueeze(-1) * rollout.mask
-        return scores, kl, non_score
-    rollout.advantages = A.masked_whiten(raw, rollout.mask, summed(A.masked_moments(raw, rollout.mask), world))
+    signals = Signals(
+        scores=scores, kl=kl, mask=rollout.mask, rewards=rewards, values=rollout.values, beta=penalty, rl=rl,
+        whiten=lambda raw, mask: A.masked_whiten(raw, mask, summed(A.masked_moments(raw, mask), world)),
+    )
+    rollout.advantages, rollout.returns = ESTIMATORS[rl.estimator](signals)
     return scores, kl, non_score
 
 

@@ -15,7 +15,8 @@ import torch
 
 from rlhf.config import RlStage
 from rlhf.ppo import algorithm as A
-from rlhf.ppo.roles import Roles, response_logits, values
+from rlhf.ppo.methods import AGGREGATIONS, POLICY_LOSSES, Aggregation
+from rlhf.ppo.roles import Roles, response_logits
 from rlhf.ppo.rollout import Rollout, summed
 
 
@@ -35,16 +36,20 @@ def update(roles: Roles, optimisers: dict, schedulers: dict, rollout: Rollout, r
         for order in (torch.randperm(size) for _ in range(rl.epochs))
         for start in range(0, size, per_minibatch)
     ]
-    tokens = summed(torch.stack([rollout.mask[m].sum() for m in minibatches]), world).clamp(min=1)
+    aggregation = AGGREGATIONS[rl.loss_aggregation]
+    units = aggregation.units(rollout.mask)
+    # each minibatch's response tokens, and what its responses count for in the loss, over all workers
+    totals = summed(torch.stack([torch.stack([rollout.mask[m].sum(), units[m].sum()]) for m in minibatches]), world).clamp(min=1)
     gradients = flat_gradients([p for group in params.values() for p in group])
     sums: dict[str, torch.Tensor] = {}
     sync = 0.0
-    for minibatch, minibatch_tokens in zip(minibatches, tokens):
+    for minibatch, (minibatch_tokens, minibatch_units) in zip(minibatches, totals):
         for optimiser in optimisers.values():
             optimiser.zero_grad(set_to_none=False)
         step: dict[str, torch.Tensor] = {}
         for micro in minibatch.split(per_micro):
-            for key, value in _micro_step(roles, rollout, micro, minibatch_tokens, rl, beta, precision).items():
+            shares = (rollout.mask[micro].sum() / minibatch_tokens, units[micro].sum() / minibatch_units)
+            for key, value in _micro_step(roles, rollout, micro, shares, aggregation, rl, beta, precision).items():
                 step[key] = step.get(key, 0.0) + value
 
         clock = time.monotonic()
@@ -62,30 +67,34 @@ def update(roles: Roles, optimisers: dict, schedulers: dict, rollout: Rollout, r
     return {key: value / len(minibatches) for key, value in sums.items()}, sync
 
 
-def _micro_step(roles: Roles, rollout: Rollout, micro, minibatch_tokens, rl: RlStage, beta: float, precision) -> dict:
-    """Backward of one micro-batch's share of the minibatch loss; its weighted statistics."""
+def _micro_step(roles: Roles, rollout: Rollout, micro, shares, aggregation: Aggregation, rl: RlStage, beta: float,
+                precision) -> dict:
+    """Backward of one micro-batch's share of the minibatch loss; its weighted statistics. `shares` are its part
+    of the minibatch's tokens (statistics, the value loss) and of the units its loss aggregation counts."""
     query, query_mask, response, mask = rollout.query[micro], rollout.query_mask[micro], rollout.response[micro], rollout.mask[micro]
-    weight = mask.sum() / minibatch_tokens
+    token_share, loss_share = shares
     with precision():
         logits = response_logits(roles.actor, query, query_mask, response)
     logp = A.token_logprobs(logits, response, rl.temperature)
-    pg = A.policy_loss(logp, rollout.logp[micro], rollout.advantages[micro], mask, rl.clip_ratio)
-    loss = pg.loss
-    stats = {"policy_loss": pg.loss, "policy_clip_fraction": pg.clip_fraction, "approx_kl": pg.approx_kl,
-             "ratio_mean": pg.ratio_mean, "ratio_var": pg.ratio_var}
+    pg = POLICY_LOSSES[rl.policy_loss](logp, rollout.logp[micro], rollout.advantages[micro], mask, rl.clip_ratio)
+    losses = {"policy_loss": aggregation.reduce(pg.per_token, mask, rl.max_new_tokens)}
+    loss = losses["policy_loss"]
     if rl.kl.in_loss:
-        stats["kl_loss"] = A.kl_loss(logp, rollout.ref_logp[micro], mask, rl.kl.estimator)
-        loss = loss + beta * stats["kl_loss"]
-    (loss * weight).backward()
-    stats["entropy"] = A.masked_mean(A.entropy(logits.detach(), rl.temperature), mask)
+        kl = A.kl_estimate(logp, rollout.ref_logp[micro], mask, rl.kl.estimator)
+        losses["kl_loss"] = aggregation.reduce(kl, mask, rl.max_new_tokens)
+        loss = loss + beta * losses["kl_loss"]
+    (loss * loss_share).backward()
+    stats = {"policy_clip_fraction": pg.clip_fraction, "approx_kl": pg.approx_kl, "ratio_mean": pg.ratio_mean,
+             "ratio_var": pg.ratio_var, "entropy": A.masked_mean(A.entropy(logits.detach(), rl.temperature), mask)}
 
     if roles.critic is not None:
         with precision():
-            predicted = values(roles.critic, query, query_mask, response)
+            predicted = roles.values(query, query_mask, response)
         vf_loss, vf_clip = A.value_loss(predicted, rollout.values[micro], rollout.returns[micro], mask, rl.clip_value)
-        (vf_loss * weight).backward()
+        (vf_loss * token_share).backward()
         stats |= {"value_loss": vf_loss, "value_clip_fraction": vf_clip}
-    return {key: weight * value.detach().float() for key, value in stats.items()}
+    return {key: token_share * value.detach().float() for key, value in stats.items()} | {
+        key: loss_share * value.detach().float() for key, value in losses.items()}
 
 
 def flat_gradients(params) -> torch.Tensor:

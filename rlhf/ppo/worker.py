@@ -33,6 +33,7 @@ from pydantic import TypeAdapter
 from rlhf import generation, gold, models, progress
 from rlhf.config import Lora, RlConfig, RlStage
 from rlhf.data.formats import text_of
+from rlhf.errors import InputError
 from rlhf.ppo import algorithm as A
 from rlhf.ppo import rollout as rollouts
 from rlhf.ppo.roles import Roles
@@ -83,6 +84,9 @@ def train_loop(config: dict, session=None) -> None:
 
     with session.restored() as directory:
         state = torch.load(directory / "state.pt", weights_only=False) if directory is not None else None
+    if state is not None and len(state["rng"]) != world:  # the stage fingerprint covers the worker count: a hand-made mix-up
+        raise InputError(f"{directory}: written by {len(state['rng'])} workers, resumed by {world}: each worker's shard and "
+                         "random stream would change; resume with the same ray.num_workers or start afresh")
     if state is not None:
         _trainable_load(roles.actor, state["policy"])
         if roles.critic is not None:
@@ -103,6 +107,8 @@ def train_loop(config: dict, session=None) -> None:
         if rank == 0:
             session.say(f"{stage}: starting policy's scores: mean {normalisation['mean']:+.3f}, std {normalisation['std']:.3f} "
                         f"over {normalisation['count']} samples")
+
+    roles.on_score_scale(normalisation, fresh=state is None)
 
     logger = _MlflowLogger(config["mlflow_uri"], config["mlflow_run_id"], stage) if rank == 0 else None
     gc.collect()
@@ -154,7 +160,7 @@ def train_loop(config: dict, session=None) -> None:
             "kl_estimator_k3": float(rl.kl.estimator == "k3"),
             "restored_from": float(restored_from),  # > 0 after a restart: the checkpoint's iteration
         }
-        kl_control.update(metrics["kl"], rl.batch_size)
+        kl_control.update(metrics["kl"], rl.batch_size * rl.samples_per_prompt)  # n counts responses, as in TRL and OpenRLHF
         history.append({"iteration": iteration + 1, **metrics})
 
         if rank == 0:
