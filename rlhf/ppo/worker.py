@@ -31,7 +31,7 @@ import torch.distributed as dist
 from pydantic import TypeAdapter
 
 from rlhf import generation, gold, models, progress
-from rlhf.config import Lora, RlConfig, RlStage
+from rlhf.config import Lora, RlConfig
 from rlhf.data.formats import text_of
 from rlhf.errors import InputError
 from rlhf.ppo import algorithm as A
@@ -51,92 +51,119 @@ def train_loop(config: dict, session=None) -> None:
     if session is None:
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress lines
         session = RaySession()
-    rank, world, device = session.rank, session.world, session.device
-    stage = config["stage"]
-    session.say(f"{stage}: worker {rank} of {world} {session.place} ({device})")
-    rl: RlStage = TypeAdapter(RlConfig).validate_python(config["rl"])
-    torch.set_num_threads(config["threads"])
-    seed_everything(config["seed"])  # the same LoRA initialisation on every worker, as data parallelism needs
-
-    critic_lora = Lora.model_validate(config["critic_lora"]) if config["critic_lora"] else None
-    roles = load_roles(Path(config["policy_model"]), Path(config["reward_model"]), rl, critic_lora, device)
-    prompts = config["prompts"]
-    gold_reward = gold.named(config["gold"])
-    sampling = generation.sampling_config(roles.tokenizer, rl.max_new_tokens, rl.temperature)
-
-    def precision():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=rl.precision == "bf16")
-
-    seed_everything(config["seed"] * 1000 + rank)  # but each worker samples its own rollouts
-
-    steps = rl.iterations * rl.epochs * rl.minibatches
-    rates = {"policy": rl.learning_rate, "critic": getattr(rl, "critic_learning_rate", None)}
-    # fused: one kernel per tensor, 5x faster than foreach on a fully trained small critic, the same update up to rounding
-    optimisers = {name: torch.optim.AdamW(params, lr=rates[name], weight_decay=0.0, fused=True)
-                  for name, params in roles.trainable().items()}
-    schedulers = {
-        name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / steps) for name, opt in optimisers.items()
-    }
-    kl_control = A.KLController(rl.kl.beta, rl.kl.target, rl.kl.horizon)
-    sampler = PromptSampler(len(prompts), config["seed"])
-    history: list[dict] = []
-    start = restored_from = 0
-
-    with session.restored() as directory:
-        state = torch.load(directory / "state.pt", weights_only=False) if directory is not None else None
-    if state is not None and len(state["rng"]) != world:  # the stage fingerprint covers the worker count: a hand-made mix-up
-        raise InputError(f"{directory}: written by {len(state['rng'])} workers, resumed by {world}: each worker's shard and "
-                         "random stream would change; resume with the same ray.num_workers or start afresh")
-    if state is not None:
-        _trainable_load(roles.actor, state["policy"])
-        if roles.critic is not None:
-            _trainable_load(roles.critic, state["critic"])
-        for name in optimisers:
-            optimisers[name].load_state_dict(state["optimisers"][name])
-            schedulers[name].load_state_dict(state["schedulers"][name])
-        kl_control.load_state_dict(state["kl"])
-        normalisation = state["normalisation"]
-        sampler.position = state["sampler_position"]
-        history, start = state["history"], state["iteration"]
-        restored_from = start
-        _set_rng(state["rng"][rank], device)
-        if rank == 0:
-            session.say(f"{stage}: resuming at iteration {start} from {directory}")
-    else:
-        normalisation = rollouts.normalisation(roles, prompts, sampling, precision, rl, config["seed"], rank, world)
-        if rank == 0:
-            session.say(f"{stage}: starting policy's scores: mean {normalisation['mean']:+.3f}, std {normalisation['std']:.3f} "
-                        f"over {normalisation['count']} samples")
-
-    roles.on_score_scale(normalisation, fresh=state is None)
-
-    logger = _MlflowLogger(config["mlflow_uri"], config["mlflow_run_id"], stage) if rank == 0 else None
-    gc.collect()
-    gc.freeze()  # what setup loaded lives to the end: later collections need not walk it
+    run = _Run(config, session)
     finished = time.monotonic()
-    for iteration in range(start, rl.iterations):
-        shard = [prompts[i] for i in sampler.take(rl.batch_size)[rank::world]]
-        batch_prompts = [p for p in shard for _ in range(rl.samples_per_prompt)]  # a prompt's group stays together
+    for iteration in range(run.start, run.rl.iterations):
         # after a (re)start, what the worker spent before its first iteration: models, normalisation samples
-        timings = {"seconds_setup": finished - setup_started} if iteration == start else {}
+        timings = {"seconds_setup": finished - setup_started} if iteration == run.start else {}
+        prompts, texts, rollout, rewards = run.roll_out(timings)
 
         clock = time.monotonic()
-        with precision():
-            query, query_mask, response, mask, ended = rollouts.generate(roles.actor, roles.tokenizer, batch_prompts, sampling, device)
+        train_stats, timings["seconds_sync"] = update(run.roles, run.optimisers, run.schedulers, rollout, run.rl,
+                                                      run.kl_control.beta, run.precision, run.world)
+        timings["seconds_train"] = time.monotonic() - clock
+
+        metrics = run.measure(prompts, texts, rollout, rewards, train_stats, timings, time.monotonic() - finished)
+        run.kl_control.update(metrics["kl"], run.rl.batch_size * run.rl.samples_per_prompt)  # n counts responses, as in TRL and OpenRLHF
+        run.history.append({"iteration": iteration + 1, **metrics})
+        if run.rank == 0:
+            run.report(iteration + 1, metrics, prompts, texts, rollout)
+        if (iteration + 1) % run.rl.checkpoint_every == 0 or iteration + 1 == run.rl.iterations:
+            run.checkpoint(iteration + 1, metrics)
+        finished = time.monotonic()
+
+
+class _Run:
+    """One worker's models, optimisers and position in the run, restored from the newest checkpoint if any."""
+
+    def __init__(self, config: dict, session):
+        self.session, self.stage, self.seed = session, config["stage"], config["seed"]
+        self.rank, self.world, self.device = session.rank, session.world, session.device
+        session.say(f"{self.stage}: worker {self.rank} of {self.world} {session.place} ({self.device})")
+        self.rl = rl = TypeAdapter(RlConfig).validate_python(config["rl"])
+        torch.set_num_threads(config["threads"])
+        seed_everything(self.seed)  # the same LoRA initialisation on every worker, as data parallelism needs
+        critic_lora = Lora.model_validate(config["critic_lora"]) if config["critic_lora"] else None
+        self.roles = load_roles(Path(config["policy_model"]), Path(config["reward_model"]), rl, critic_lora, self.device)
+        self.prompts = config["prompts"]
+        self.gold = gold.named(config["gold"])
+        self.sampling = generation.sampling_config(self.roles.tokenizer, rl.max_new_tokens, rl.temperature)
+        seed_everything(self.seed * 1000 + self.rank)  # but each worker samples its own rollouts
+
+        steps = rl.iterations * rl.epochs * rl.minibatches
+        rates = {"policy": rl.learning_rate, "critic": getattr(rl, "critic_learning_rate", None)}
+        # fused: one kernel per tensor, 5x faster than foreach on a fully trained small critic, the same update up to rounding
+        self.optimisers = {name: torch.optim.AdamW(params, lr=rates[name], weight_decay=0.0, fused=True)
+                           for name, params in self.roles.trainable().items()}
+        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / steps)
+                           for name, opt in self.optimisers.items()}
+        self.kl_control = A.KLController(rl.kl.beta, rl.kl.target, rl.kl.horizon)
+        self.sampler = PromptSampler(len(self.prompts), self.seed)
+        self.history: list[dict] = []
+        self.start = self.restored_from = 0
+        with session.restored() as directory:
+            state = torch.load(directory / "state.pt", weights_only=False) if directory is not None else None
+        if state is not None:
+            self._restore(state, directory)
+        else:
+            self.normalisation = rollouts.normalisation(self.roles, self.prompts, self.sampling, self.precision, rl, self.seed,
+                                                        self.rank, self.world)
+            self._say(f"{self.stage}: starting policy's scores: mean {self.normalisation['mean']:+.3f}, "
+                      f"std {self.normalisation['std']:.3f} over {self.normalisation['count']} samples")
+        self.roles.on_score_scale(self.normalisation, fresh=state is None)
+        self.logger = _MlflowLogger(config["mlflow_uri"], config["mlflow_run_id"], self.stage) if self.rank == 0 else None
+        gc.collect()
+        gc.freeze()  # what setup loaded lives to the end: later collections need not walk it
+
+    def precision(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.rl.precision == "bf16")
+
+    def _say(self, line: str) -> None:
+        if self.rank == 0:
+            self.session.say(line)
+
+    def _restore(self, state: dict, directory: Path) -> None:
+        if len(state["rng"]) != self.world:  # the stage fingerprint covers the worker count: a hand-made mix-up
+            raise InputError(f"{directory}: written by {len(state['rng'])} workers, resumed by {self.world}: each worker's "
+                             "shard and random stream would change; resume with the same ray.num_workers or start afresh")
+        _trainable_load(self.roles.actor, state["policy"])
+        if self.roles.critic is not None:
+            _trainable_load(self.roles.critic, state["critic"])
+        for name in self.optimisers:
+            self.optimisers[name].load_state_dict(state["optimisers"][name])
+            self.schedulers[name].load_state_dict(state["schedulers"][name])
+        self.kl_control.load_state_dict(state["kl"])
+        self.normalisation = state["normalisation"]
+        self.sampler.position = state["sampler_position"]
+        self.history, self.start = state["history"], state["iteration"]
+        self.restored_from = self.start
+        _set_rng(state["rng"][self.rank], self.device)
+        self._say(f"{self.stage}: resuming at iteration {self.start} from {directory}")
+
+    def roll_out(self, timings: dict):
+        """This worker's shard of the next prompt batch, sampled, scored and turned into advantages."""
+        roles, rl = self.roles, self.rl
+        shard = [self.prompts[i] for i in self.sampler.take(rl.batch_size)[self.rank :: self.world]]
+        prompts = [p for p in shard for _ in range(rl.samples_per_prompt)]  # a prompt's group stays together
+
+        clock = time.monotonic()
+        with self.precision():
+            query, query_mask, response, mask, ended = rollouts.generate(roles.actor, roles.tokenizer, prompts, self.sampling,
+                                                                         self.device)
         texts, _ = generation.decode(roles.tokenizer, response)
         timings["seconds_generate"] = time.monotonic() - clock
 
         clock = time.monotonic()
-        with precision():
+        with self.precision():
             rollout = rollouts.score(roles, query, query_mask, response, mask, ended, rl)
-            rollout.scores = roles.scores(batch_prompts, texts)
-        scores, kl, non_score = rollouts.advantages(rollout, normalisation, kl_control.beta, rl, world)
+            rollout.scores = roles.scores(prompts, texts)
+        rewards = rollouts.advantages(rollout, self.normalisation, self.kl_control.beta, rl, self.world)
         timings["seconds_score"] = time.monotonic() - clock
+        return prompts, texts, rollout, rewards
 
-        clock = time.monotonic()
-        train_stats, timings["seconds_sync"] = update(roles, optimisers, schedulers, rollout, rl, kl_control.beta, precision, world)
-        timings["seconds_train"] = time.monotonic() - clock
-
+    def measure(self, prompts, texts, rollout, rewards, train_stats: dict, timings: dict, seconds: float) -> dict:
+        """The iteration's metrics, over all workers."""
+        scores, kl, non_score = rewards
         local = {
             "score": rollout.scores.mean(),
             "score_normalised": scores.mean(),
@@ -148,55 +175,55 @@ def train_loop(config: dict, session=None) -> None:
             "peak_rss_mb": torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             **train_stats,
             **{k: torch.tensor(v) for k, v in timings.items()},
-            # since the previous iteration ended: its logging and checkpoint included
-            "seconds_iteration": torch.tensor(time.monotonic() - finished),
+            "seconds_iteration": torch.tensor(seconds),  # since the previous iteration ended: its logging and checkpoint included
         }
-        if gold_reward is not None:
-            local["gold"] = torch.tensor([gold_reward(text_of(p), t) for p, t in zip(batch_prompts, texts)]).mean()
-        metrics = over_workers(local, world, device, mean=True) | over_workers(train_stats, world, device, mean=False)
-        metrics |= {
-            "beta": kl_control.beta,
-            "learning_rate": schedulers["policy"].get_last_lr()[0],
-            "kl_estimator_k3": float(rl.kl.estimator == "k3"),
-            "restored_from": float(restored_from),  # > 0 after a restart: the checkpoint's iteration
+        if self.gold is not None:
+            local["gold"] = torch.tensor([self.gold(text_of(p), t) for p, t in zip(prompts, texts)]).mean()
+        metrics = over_workers(local, self.world, self.device, mean=True) | over_workers(train_stats, self.world, self.device, mean=False)
+        return metrics | {
+            "beta": self.kl_control.beta,
+            "learning_rate": self.schedulers["policy"].get_last_lr()[0],
+            "kl_estimator_k3": float(self.rl.kl.estimator == "k3"),
+            "restored_from": float(self.restored_from),  # > 0 after a restart: the checkpoint's iteration
         }
-        kl_control.update(metrics["kl"], rl.batch_size * rl.samples_per_prompt)  # n counts responses, as in TRL and OpenRLHF
-        history.append({"iteration": iteration + 1, **metrics})
 
-        if rank == 0:
-            logger.log(metrics, iteration + 1)
-            progress.report("iterations", iteration + 1, rl.iterations, score=metrics["score"], kl=metrics["kl"],
-                            **({"gold": metrics["gold"]} if "gold" in metrics else {}))
-            session.say(
-                f"{stage} {iteration + 1}/{rl.iterations}: score {metrics['score']:+.3f}"
-                + (f" gold {metrics['gold']:+.3f}" if "gold" in metrics else "")
-                + f" kl {metrics['kl']:.2f} beta {metrics['beta']:.3f} len {metrics['response_length']:.1f}"
-                + f" ({metrics['seconds_generate']:.1f}s gen, {metrics['seconds_score']:.1f}s score, {metrics['seconds_train']:.1f}s train"
-                + (f" of which {metrics['seconds_sync']:.1f}s gradient sync)" if world > 1 else ")")
-            )
-            if (iteration + 1) % rl.samples_every == 0 or iteration + 1 == rl.iterations:
-                logger.samples(batch_prompts, texts, rollout.scores.tolist(), iteration + 1)
+    def report(self, iteration: int, metrics: dict, prompts, texts, rollout) -> None:
+        rl = self.rl
+        self.logger.log(metrics, iteration)
+        progress.report("iterations", iteration, rl.iterations, score=metrics["score"], kl=metrics["kl"],
+                        **({"gold": metrics["gold"]} if "gold" in metrics else {}))
+        self.session.say(
+            f"{self.stage} {iteration}/{rl.iterations}: score {metrics['score']:+.3f}"
+            + (f" gold {metrics['gold']:+.3f}" if "gold" in metrics else "")
+            + f" kl {metrics['kl']:.2f} beta {metrics['beta']:.3f} len {metrics['response_length']:.1f}"
+            + f" ({metrics['seconds_generate']:.1f}s gen, {metrics['seconds_score']:.1f}s score, {metrics['seconds_train']:.1f}s train"
+            + (f" of which {metrics['seconds_sync']:.1f}s gradient sync)" if self.world > 1 else ")")
+        )
+        if iteration % rl.samples_every == 0 or iteration == rl.iterations:
+            self.logger.samples(prompts, texts, rollout.scores.tolist(), iteration)
 
-        last = iteration + 1 == rl.iterations
-        if (iteration + 1) % rl.checkpoint_every == 0 or last:
-            rng_states = [None] * world
-            dist.all_gather_object(rng_states, _get_rng(device)) if world > 1 else rng_states.__setitem__(0, _get_rng(device))
-            state = {
-                "iteration": iteration + 1,
-                "policy": _trainable_state(roles.actor),
-                "critic": _trainable_state(roles.critic) if roles.critic is not None else None,
-                "optimisers": {name: opt.state_dict() for name, opt in optimisers.items()},
-                "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
-                "kl": kl_control.state_dict(),
-                "normalisation": normalisation,
-                "sampler_position": sampler.position,
-                "rng": rng_states,
-                "history": history,
-            }
-            with session.checkpoint(metrics, iteration + 1) as directory:
-                if directory is not None:
-                    _write_checkpoint(directory, state, roles, last)
-        finished = time.monotonic()
+    def checkpoint(self, iteration: int, metrics: dict) -> None:
+        rng_states = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rng_states, _get_rng(self.device))
+        else:
+            rng_states[0] = _get_rng(self.device)
+        roles = self.roles
+        state = {
+            "iteration": iteration,
+            "policy": _trainable_state(roles.actor),
+            "critic": _trainable_state(roles.critic) if roles.critic is not None else None,
+            "optimisers": {name: opt.state_dict() for name, opt in self.optimisers.items()},
+            "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
+            "kl": self.kl_control.state_dict(),
+            "normalisation": self.normalisation,
+            "sampler_position": self.sampler.position,
+            "rng": rng_states,
+            "history": self.history,
+        }
+        with self.session.checkpoint(metrics, iteration) as directory:
+            if directory is not None:
+                _write_checkpoint(directory, state, roles, iteration == self.rl.iterations)
 
 
 # ---------------------------------------------------------------- state
