@@ -270,7 +270,7 @@ def damaged_checkpoint(project: Path, work: Path, reference_home: Path, referenc
     home = work / "damaged-checkpoint"
     upstream_of(reference_home, "sft", home)
     process = start(project, home, work / "damaged-checkpoint.log")
-    seals = lambda: sorted((home / "runs" / NAME / "sft").glob("*/work/trainer/checkpoint-*.sha256"))  # noqa: E731
+    seals = lambda: sorted((home / "runs" / NAME / "sft").glob("*/work/trainer/rank-0/checkpoint-*.sha256"))  # noqa: E731
     wait_for(lambda: len(seals()) >= 2 or process.poll() is not None, 900)
     kill(process)
     newest = max((Path(str(s).removesuffix(".sha256")) for s in seals()), key=lambda p: int(p.name.split("-")[1]))
@@ -323,13 +323,13 @@ def server_loss(project: Path, work: Path, reference_home: Path, reference: dict
     server = serve()
     process = start(project, home, work / f"{which}-loss.log", **client)
     sft = home / "runs" / NAME / "sft"
-    wait_for(lambda: any(sft.glob("*/work/trainer/checkpoint-*.sha256")) or process.poll() is not None, 900)
+    wait_for(lambda: any(sft.glob("*/work/trainer/rank-0/checkpoint-*.sha256")) or process.poll() is not None, 900)
     stopped = time.monotonic()
     kill(server)
     code = process.wait(timeout=1800)
     after = round(time.monotonic() - stopped)
     lines = (work / f"{which}-loss.log").read_text().strip().splitlines()
-    kept = sorted(p.name for p in sft.glob("*/work/trainer/checkpoint-*") if p.is_dir())
+    kept = sorted(p.name for p in sft.glob("*/work/trainer/rank-0/checkpoint-*") if p.is_dir())
     server = serve()
     try:
         again = run(project, home, **client)

@@ -1,7 +1,7 @@
-"""Fit a TRL trainer (SFT, reward): in this process, or as a Ray Train job on the pipeline's cluster.
+"""Fit a TRL trainer (SFT, reward, DPO): in this process, or as a Ray Train job on the pipeline's cluster
+(`rlhf/session.py` decides, as for the RL stages).
 
-A `ray` block that asks for more than one worker or a GPU runs the trainer
-inside a `TorchTrainer`, with Ray's Hugging Face integration
+On Ray Train the trainer runs inside a `TorchTrainer`, with Ray's Hugging Face integration
 (`prepare_trainer` and `RayTrainReportCallback`): each worker builds the
 same trainer, the Trainer shards the data over the process group Ray set up,
 and every checkpoint the Trainer saves is reported to Ray Train, under a run
@@ -20,15 +20,17 @@ optimizer, trainer state; every rank: its RNG state) into one checkpoint.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rlhf import cluster as rlhf_cluster
-from rlhf import training
+import mlflow
+import torch
+
+from rlhf import session, training
 from rlhf.config import RayConfig
 from rlhf.seeding import seed_everything
+
 
 @dataclass
 class Fitted:
@@ -46,25 +48,12 @@ class Fitted:
 
 def fit(make_trainer: Callable, cluster: RayConfig, *, name: str, work: Path, outputs: Path, seed: int, mlflow_uri: str,
         mlflow_run_id: str) -> Fitted:
-    """Train, evaluate and save the model (and adapter) to `outputs`."""
-    if not cluster.trains_on_ray():
-        checkpoint, resumed_from_step = training.resume_point(work / "trainer")
-        seed_everything(seed)  # heads and adapters start the same here and on Ray workers
-        trainer, tokenizer = make_trainer(work / "trainer")
-        return _train(trainer, tokenizer, checkpoint, resumed_from_step, outputs)
-
-    from ray.train import CheckpointConfig, RunConfig
-
-    rlhf_cluster.train(
-        cluster,
-        _train_loop,
-        {
-            "make_trainer": make_trainer, "outputs": str(outputs), "fitted": str(work / _FITTED),
-            "trainer_dir": str(work / "trainer"), "seed": seed, "threads": cluster.cpus_per_worker,
-            "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
-        },
-        RunConfig(name=name, storage_path=str(work / "ray"), checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    """Train, evaluate and save the model (and adapter) to `outputs`, here or on Ray Train (`rlhf/session.py`)."""
+    session.run(cluster, _train_loop, {
+        "make_trainer": make_trainer, "outputs": str(outputs), "fitted": str(work / _FITTED), "name": name,
+        "trainer_dir": str(work / "trainer"), "seed": seed, "threads": cluster.cpus_per_worker,
+        "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
+    }, name=name, storage=work / "ray", keep=2)
     return Fitted(**json.loads((work / _FITTED).read_text()))
 
 
@@ -95,41 +84,37 @@ def _train(trainer, tokenizer, checkpoint: str | None, resumed_from_step: int, o
     )
 
 
-def _train_loop(config: dict) -> None:
-    """One Ray Train worker: build the trainer, resume from Ray's newest checkpoint, train; rank 0 logs and saves."""
-    import mlflow
-    import ray.train
-    import ray.train.torch
-    import torch
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+def _train_loop(config: dict, session) -> None:
+    """One worker: build the trainer, resume from the newest checkpoint, train; rank 0 logs and saves.
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    In this process the Trainer keeps its own checkpoints (sealed, `training.resume_point`) and logs into the
+    stage's active MLflow run; on Ray Train each checkpoint it saves is reported to Ray Train, and rank 0 joins
+    the stage's run by id (driver environment variables do not reach the workers)."""
     torch.set_num_threads(config["threads"])
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    print(f"{context.get_experiment_name()}: worker {rank} of {context.get_world_size()} "
-          f"on Ray node {ray.get_runtime_context().get_node_id()} ({ray.train.torch.get_device()})", flush=True)
+    session.say(f"{config['name']}: worker {session.rank} of {session.world} {session.place} ({session.device})")
     seed_everything(config["seed"])  # the same initial heads and adapters on every worker
-    trainer, tokenizer = config["make_trainer"](Path(config["trainer_dir"]) / f"rank-{rank}")
-    trainer.add_callback(RayTrainReportCallback())
-    trainer = prepare_trainer(trainer)
+    trainer_dir = Path(config["trainer_dir"]) / f"rank-{session.rank}"
+    trainer, tokenizer = config["make_trainer"](trainer_dir)
+    if session.remote:
+        from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    if rank == 0:  # the Trainer's MLflow callback logs into the active run, on rank 0 only
-        mlflow.set_tracking_uri(config["mlflow_uri"])
-        mlflow.start_run(run_id=config["mlflow_run_id"])
+        trainer.add_callback(RayTrainReportCallback())
+        trainer = prepare_trainer(trainer)
+        if session.rank == 0:  # the Trainer's MLflow callback logs into the active run, on rank 0 only
+            mlflow.set_tracking_uri(config["mlflow_uri"])
+            mlflow.start_run(run_id=config["mlflow_run_id"])
     try:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            fitted = _train(trainer, tokenizer, None, 0, Path(config["outputs"]))
-        else:
-            with checkpoint.as_directory() as directory:
-                hf_checkpoint = Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME
-                step = json.loads((hf_checkpoint / "trainer_state.json").read_text())["global_step"]
-                if rank == 0:
-                    print(f"resuming from {checkpoint.path} (step {step})", flush=True)
-                fitted = _train(trainer, tokenizer, str(hf_checkpoint), step, Path(config["outputs"]))
+        with session.restored() as directory:
+            if directory is not None:  # Ray Train's, holding the Trainer's checkpoint
+                checkpoint = directory / RayTrainReportCallback.CHECKPOINT_NAME
+                step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+                session.say(f"resuming from {directory} (step {step})")
+                checkpoint = str(checkpoint)
+            else:
+                checkpoint, step = training.resume_point(trainer_dir) if not session.remote else (None, 0)
+            fitted = _train(trainer, tokenizer, checkpoint, step, Path(config["outputs"]))
     finally:
-        if rank == 0:
+        if session.remote and session.rank == 0:
             mlflow.end_run(status="RUNNING")  # the driver still owns the stage run and ends it
-    if rank == 0:
+    if session.rank == 0:
         Path(config["fitted"]).write_text(json.dumps(asdict(fitted)))

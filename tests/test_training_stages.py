@@ -82,7 +82,7 @@ def _kill_after_first_checkpoint(cli, stage: str, *args: str) -> str:
     """Start a run, SIGKILL it once `stage` has a complete checkpoint; return that attempt's MLflow run id."""
     process = cli.start("run", "tiny-rlhf", *args)
     stage_dir = cli.home / "runs" / "tiny-rlhf" / stage
-    checkpoints = lambda: list(stage_dir.glob("*/work/trainer/checkpoint-*.sha256"))  # noqa: E731  (sealed: complete)
+    checkpoints = lambda: list(stage_dir.glob("*/work/trainer/rank-0/checkpoint-*.sha256"))  # noqa: E731  (sealed: complete)
     wait_for(lambda: checkpoints() or process.poll() is not None, 600, f"a {stage} checkpoint")
     assert process.poll() is None, process.log.read_text()[-3000:]
     kill_group(process)

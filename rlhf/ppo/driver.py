@@ -1,21 +1,12 @@
-"""Run an RL stage's loop and return its final checkpoint: on Ray Train when the `ray` block asks for more
-than one worker or a GPU, otherwise in this process (`session.py`).
-
-The run name comes from the stage fingerprint and the storage path from the
-stage's work dir, so re-entering the stage with the same fingerprint resumes
-from its newest checkpoint, and a changed config starts fresh.
-"""
+"""Run an RL stage's loop, here or on Ray Train (`rlhf/session.py` decides), and return its final checkpoint."""
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
-import torch
-
-from rlhf import cluster as rlhf_cluster
+from rlhf import session
 from rlhf.config import Lora, RayConfig, RlStage
-from rlhf.ppo.session import LocalSession
+from rlhf.ppo.worker import train_loop
 
 
 def run(
@@ -36,38 +27,5 @@ def run(
         "mlflow_uri": mlflow_uri,
         "mlflow_run_id": mlflow_run_id,
     }
-    if not cluster.trains_on_ray():
-        return _run_here(config, LocalSession(storage / name, rl.keep_checkpoints))
-
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
-    result = rlhf_cluster.train(
-        cluster,
-        _train_loop,
-        config,
-        RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=rl.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=rl.keep_checkpoints),
-        ),
-    )
-    return Path(result.checkpoint.path)
-
-
-def _run_here(config: dict, session: LocalSession) -> Path:
-    from rlhf.ppo.worker import train_loop
-
-    threads = torch.get_num_threads()
-    try:
-        train_loop(config, session)
-    finally:  # the rest of the pipeline runs in this process after the loop
-        gc.unfreeze()
-        torch.set_num_threads(threads)
-    return session.newest()
-
-
-def _train_loop(config: dict) -> None:
-    from rlhf.ppo.worker import train_loop
-
-    train_loop(config)
+    return session.run(cluster, train_loop, config, name=name, storage=storage, keep=rl.keep_checkpoints,
+                       max_failures=rl.max_failures)

@@ -1,4 +1,4 @@
-"""The RL loop of PPO and its critic-free relatives, on every Ray Train worker or in this process (`session.py`).
+"""The RL loop of PPO and its critic-free relatives, on every Ray Train worker or in this process (`rlhf/session.py`).
 
 Before the first iteration, samples of the starting policy under the stage's
 own sampling settings fix the mean and standard deviation that normalise the
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import random
 import resource
 import time
@@ -39,18 +38,13 @@ from rlhf.ppo import rollout as rollouts
 from rlhf.ppo.roles import Roles
 from rlhf.ppo.roles import load as load_roles
 from rlhf.ppo.rollout import PromptSampler
-from rlhf.ppo.session import RaySession
 from rlhf.ppo.update import over_workers, update
 from rlhf.seeding import seed_everything
 
 
-def train_loop(config: dict, session=None) -> None:
-    """Ray Train entry point (or, with a `LocalSession`, this process); `config` holds only plain values
-    (paths, ids, the stage block)."""
+def train_loop(config: dict, session) -> None:
+    """One worker's loop (`rlhf/session.py` says where); `config` holds only plain values (paths, ids, the stage block)."""
     setup_started = time.monotonic()
-    if session is None:
-        logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress lines
-        session = RaySession()
     run = _Run(config, session)
     finished = time.monotonic()
     for iteration in range(run.start, run.rl.iterations):

@@ -1,30 +1,72 @@
-"""Where the RL loop runs: on Ray Train workers, or in this process when the `ray` block asks for one CPU worker.
+"""Where a training stage runs: in this process, or on the data-parallel workers of a Ray Train job.
 
-Either way the loop gets its rank, world size and device, the checkpoint to
-resume from, and a directory to fill with each new checkpoint. In this
-process a run skips Ray Train's start-up (about 14 s on 2 cores): the
-checkpoints are directories under the run's storage, each renamed into place
-once complete, so a crash leaves the one before intact, and re-entering the
-stage resumes from the newest.
+`run` is the one place that decides, for the TRL stages and the RL stages
+alike: a `ray` block of one CPU worker trains in this process (no Ray Train
+start-up: about 14 s on 2 cores), anything more (workers, a GPU) on Ray Train.
+Either way the stage's loop is called with a session that gives it its rank,
+world size and device, the checkpoint to resume from, and a directory to fill
+with each new checkpoint. Ray Train keeps the checkpoints of a job; in this
+process they are directories under the run's storage, each renamed into place
+once complete, so a crash leaves the one before intact. The run is named
+after the stage fingerprint and stored in the stage's work dir, so
+re-entering the stage resumes from the newest checkpoint, and a changed
+config starts fresh.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from rlhf import cluster as rlhf_cluster
 from rlhf import stage_log
+from rlhf.cluster import RayConfig
 
 _PREFIX = "checkpoint_"
 
 
+def run(cluster: RayConfig, loop: Callable[[dict, object], None], config: dict, *, name: str, storage: Path, keep: int,
+        max_failures: int = 0) -> Path | None:
+    """`loop(config, session)` here or on every Ray Train worker; the directory of the final checkpoint, if any.
+
+    On Ray, `loop` and `config` are pickled to the workers, which may be on other nodes (with this project
+    installed and the home on shared storage): `config` holds plain values."""
+    if not cluster.trains_on_ray():
+        session = LocalSession(storage / name, keep)
+        threads = torch.get_num_threads()
+        try:
+            loop(config, session)
+        finally:  # the rest of the pipeline runs in this process after the loop
+            gc.unfreeze()
+            torch.set_num_threads(threads)
+        return session.newest()
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    result = rlhf_cluster.train(cluster, partial(_on_ray_worker, loop), config, RunConfig(
+        name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=keep),
+    ))
+    return Path(result.checkpoint.path) if result.checkpoint is not None else None
+
+
+def _on_ray_worker(loop, config: dict) -> None:
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the stage's progress lines
+    loop(config, RaySession())
+
+
 class RaySession:
     """One Ray Train worker of the run; Ray Train keeps and restores the checkpoints."""
+
+    remote = True
 
     def __init__(self):
         import ray
@@ -71,6 +113,7 @@ class LocalSession:
     """This process alone, on the CPU; the newest `keep` checkpoints stay under `directory`."""
 
     rank, world, place = 0, 1, "in this process"
+    remote = False
     device = torch.device("cpu")
 
     def __init__(self, directory: Path, keep: int):
