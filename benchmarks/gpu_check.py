@@ -45,7 +45,7 @@ ENV = os.environ | {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_
 
 
 def rlhf(home: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "rlhf", "--home", str(home), *args]
+    return [sys.executable, "-m", "flows", "--home", str(home), *args]
 
 
 def sets(overrides: list[str]) -> list[str]:

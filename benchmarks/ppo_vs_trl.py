@@ -36,7 +36,9 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification  # noqa: E402
 
 from rlhf import models  # noqa: E402
-from rlhf.config import Lora, PpoStage, RayConfig  # noqa: E402
+from rlhf.blocks import Lora
+from rlhf.cluster import RayConfig
+from rlhf.stages.rl.config import PpoStage  # noqa: E402
 from rlhf.generation import render  # noqa: E402
 from rlhf.ppo import driver  # noqa: E402
 from rlhf.synthetic_reviews import generate_examples  # noqa: E402

@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-from importlib import import_module
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows import report
 from flows.logs import quiet_expected_errors
-from rlhf import cluster
+from flows.plan import Planner, plan
+from rlhf import cluster, tracking
 from rlhf import home as rlhf_home
-from rlhf import report, tracking
-from rlhf.config import load_pipeline, plan
+from rlhf.config import load_pipeline
 from rlhf.errors import InputError
-from rlhf.graph import GRAPH
-from rlhf.stages import Planner, completed, reuse_stage
+from rlhf.lifecycle import completed, reuse_stage
+from tasks import stage_task
 
 quiet_expected_errors()
-
-
-def stage_task(stage: str):
-    """The stage's Prefect task, named after the stage, imported only when the stage runs: a fully reused
-    pipeline never loads torch."""
-    module, name = GRAPH[stage].task.split(":")
-    return getattr(import_module(module), name).with_options(name=stage)
 
 
 @flow(name="rlhf-pipeline", flow_run_name="{pipeline}", persist_result=False)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from rlhf.config import Pipeline
 from rlhf.errors import ServerLost
+from rlhf.pipeline import Pipeline
 
 
 def run_pipeline(name: str, pipeline: Pipeline, *, overrides: list[str], from_stage: str | None, only: str | None,
@@ -104,14 +104,14 @@ def _warm_up(name: str, pipeline: Pipeline, home: Path) -> None:
     """What the flow needs first, done while the Prefect API starts (7.5 s): the MLflow
     store (~3 s to create), the modules of the stages that will run (torch, transformers: ~5 s) and,
     when one of them trains on Ray, a local cluster (~3 s), which then serves every Ray stage of the run."""
-    from flows.pipeline import stage_task
     from rlhf import cluster, tracking
-    from rlhf.stages import stage_states
+    from flows.plan import stage_states
+    from rlhf.lifecycle import recipe
 
     tracking.configure(home)
     tracking.experiment_id(pipeline.tracking.experiment, home)
     pending = [stage for stage, state, *_ in stage_states(home, name, pipeline) if not state.startswith("complete")]
     for stage in pending:
-        stage_task(stage)
+        recipe(stage)
     if cluster.address(pipeline.ray) is None and any(pipeline.runs_on_ray(stage) for stage in pending):
         cluster.connect(pipeline.ray)

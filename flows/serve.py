@@ -16,7 +16,8 @@ from prefect.deployments.runner import EntrypointType
 from prefect.schedules import Cron, Interval
 
 from flows.pipeline import pipeline_flow
-from rlhf.config import Schedule, load_file
+from rlhf.config import load_file
+from rlhf.pipeline import Schedule
 from rlhf.errors import InputError
 
 def prefect_schedule(schedule: Schedule, pipeline: str):

@@ -13,13 +13,31 @@ import logging
 import os
 import time
 
+from pydantic import Field
+
 from rlhf import progress, stage_log
-from rlhf.config import RayConfig
+from rlhf.blocks import Strict
 from rlhf.errors import InputError
 
 log = logging.getLogger("rlhf")
 POLL_SECONDS = 15
 REMEDY = "lower ray.num_workers or ray.cpus_per_worker, or point ray.address (RAY_ADDRESS) at a larger cluster"
+
+
+class RayConfig(Strict):
+    """Where PPO runs: a local cluster by default, `address` (or RAY_ADDRESS) for an existing one."""
+
+    address: str | None = None
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: int = Field(1, ge=1, description="also the torch threads of each worker")
+    use_gpu: bool = False
+    wait_seconds: int = Field(
+        600, ge=0, description="how long an existing (or autoscaling) cluster may take to have room for the workers"
+    )
+
+    def trains_on_ray(self) -> bool:
+        """Whether training stages run as Ray Train jobs; otherwise they train in this process."""
+        return self.num_workers > 1 or self.use_gpu
 
 
 def address(cluster: RayConfig) -> str | None:

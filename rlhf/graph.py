@@ -1,39 +1,36 @@
 """The stage graph: every stage a pipeline can have, declared once.
 
-A stage is its name, its typed block under `stages:`, the stages whose
-outputs it reads, its recipe (a Prefect task in `tasks/`), whether it trains
-on Ray, and whether it makes a policy that `evaluate` can compare. The
-schema of `stages:`, the order stages run in, their fingerprint inputs and
-the flow's tasks all derive from this table; a new stage is a recipe, a
-`declare(...)` and its block in `pipelines.yaml`.
+A stage is its name, its typed block under `stages:`, its recipe, what it
+needs (data, a policy, a reward model) and what it provides, and whether it
+trains (here or on Ray Train). Each need is met by the stage of the pipeline
+that provides it; no code outside a stage's own room asks for another stage
+by name. The schema of `stages:`, the order stages run in, their fingerprint
+inputs and the flow's tasks all derive from this table; a new stage is a
+room (`rlhf/stages/<name>/`: its block and its recipe), a `declare(...)` and
+its block in `pipelines.yaml`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.config import (
-    DataStage,
-    DpoStage,
-    EvaluateStage,
-    GrpoStage,
-    PpoStage,
-    ReinforceStage,
-    RewardStage,
-    RlooStage,
-    SftStage,
-    StageConfig,
-)
+from rlhf.blocks import StageConfig
+from rlhf.stages.data.config import DataStage
+from rlhf.stages.dpo.config import DpoStage
+from rlhf.stages.evaluate.config import EvaluateStage
+from rlhf.stages.reward.config import RewardStage
+from rlhf.stages.rl.config import GrpoStage, PpoStage, ReinforceStage, RlooStage
+from rlhf.stages.sft.config import SftStage
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     config: type[StageConfig]
-    reads: tuple[str, ...]  # upstream stages whose outputs it reads, when the pipeline has them
-    task: str  # `module:function` of its Prefect task, e.g. `tasks.sft:sft`
+    recipe: str  # `module:function` of its recipe, imported only when the stage runs, e.g. `rlhf.stages.sft.recipe:train_sft`
+    needs: tuple[str, ...] = ()  # what it reads from the stages of the pipeline that provide it, when there are any
+    provides: tuple[str, ...] = ()  # data, policy, reward_model, evaluation
     trains: bool = False  # on Ray Train when the `ray` block asks for >1 worker or a GPU, else in this process
-    policy: bool = False  # makes a policy: `model/` and `mlflow_model.json` in its outputs
     required: bool = False
 
 
@@ -43,13 +40,7 @@ GRAPH: dict[str, Stage] = {}
 def declare(*stages: Stage) -> None:
     """Add stages to the graph (a plug-in or a test may add its own); the schema of `stages:` follows."""
     for stage in stages:
-        unknown = [name for name in stage.reads if name not in GRAPH]
-        if unknown:
-            raise ValueError(f"stage {stage.name!r} reads undeclared stages {unknown}")
         GRAPH[stage.name] = stage
-    from rlhf import config
-
-    config.schema.cache_clear()
 
 
 def order(present: set[str], reads: dict[str, tuple[str, ...]]) -> list[str]:
@@ -64,16 +55,27 @@ def order(present: set[str], reads: dict[str, tuple[str, ...]]) -> list[str]:
     return ordered
 
 
-def policy_stages() -> list[str]:
-    return [name for name, stage in GRAPH.items() if stage.policy]
+def providers(present: list[str], stage: str) -> dict[str, str]:
+    """What `stage` needs -> the present stage that gives it: one that provides it without needing it itself,
+    so a tuned policy is tuned from the policy that starts the pipeline (sft), never from another tuned one."""
+    found = {}
+    for need in GRAPH[stage].needs:
+        given = [name for name in present if name != stage and need in GRAPH[name].provides and need not in GRAPH[name].needs]
+        if given:
+            found[need] = given[0]
+    return found
 
 
 declare(
-    Stage("data", DataStage, reads=(), task="tasks.data_prep:data_prep", required=True),
-    Stage("sft", SftStage, reads=("data",), task="tasks.sft:sft", trains=True, policy=True),
-    Stage("reward", RewardStage, reads=("data", "sft"), task="tasks.reward:reward", trains=True),
-    *(Stage(name, config, reads=("data", "sft", "reward"), task="tasks.rl:rl", trains=True, policy=True)
+    Stage("data", DataStage, "rlhf.stages.data.recipe:prepare_data", provides=("data",), required=True),
+    Stage("sft", SftStage, "rlhf.stages.sft.recipe:train_sft", needs=("data",), provides=("policy",), trains=True),
+    Stage("reward", RewardStage, "rlhf.stages.reward.recipe:train_reward", needs=("data", "policy"), provides=("reward_model",),
+          trains=True),
+    *(Stage(name, config, "rlhf.stages.rl.recipe:train_rl", needs=("data", "policy", "reward_model"), provides=("policy",),
+            trains=True)
       for name, config in (("ppo", PpoStage), ("grpo", GrpoStage), ("rloo", RlooStage), ("reinforce", ReinforceStage))),
-    Stage("dpo", DpoStage, reads=("data", "sft", "reward"), task="tasks.dpo:dpo", trains=True, policy=True),
-    Stage("evaluate", EvaluateStage, reads=("data", "sft", "reward"), task="tasks.evaluate:evaluate"),
+    Stage("dpo", DpoStage, "rlhf.stages.dpo.recipe:train_dpo", needs=("data", "policy", "reward_model"), provides=("policy",),
+          trains=True),
+    Stage("evaluate", EvaluateStage, "rlhf.stages.evaluate.recipe:evaluate_policies", needs=("data", "policy", "reward_model"),
+          provides=("evaluation",)),
 )

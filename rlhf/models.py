@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rlhf.config import PretrainedModel, ScratchModel
+from rlhf.blocks import PretrainedModel, ScratchModel
 from rlhf.errors import InputError
 from rlhf.store import digest_tree
 

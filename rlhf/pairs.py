@@ -10,7 +10,7 @@ import logging
 import random
 from collections.abc import Callable
 
-from rlhf import generation
+from rlhf import generation, models
 from rlhf.data.formats import Messages, text_of
 
 log = logging.getLogger("rlhf")
@@ -29,8 +29,6 @@ def reward_model_scorer(model, tokenizer) -> Scorer:
 def policy_pairs(policy_dir, prompts, counts: dict[str, int], scorer: Scorer, min_gap: float, sampling, seed: int) -> dict[str, list[dict]]:
     """Pairs for each split (`counts`: train, eval) from that split's prompts; `sampling` is the stage's
     pairs block (max_new_tokens, temperature, batch_size)."""
-    from rlhf import models
-
     policy, tokenizer = models.load_causal_lm(policy_dir), models.load_tokenizer(policy_dir)
     return {
         split: sample_pairs(policy, tokenizer, list(prompts[split]["prompt"]), count, scorer, min_gap,

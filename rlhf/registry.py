@@ -14,11 +14,11 @@ from pathlib import Path
 
 import mlflow
 
+from rlhf import models
+
 
 def log_policy(policy_dir: Path, max_new_tokens: int) -> str:
     """Log the merged policy into the active run; returns the model URI."""
-    from rlhf import models
-
     model, tokenizer = models.load_causal_lm(policy_dir), models.load_tokenizer(policy_dir)
     info = mlflow.transformers.log_model(
         {"model": model, "tokenizer": tokenizer},

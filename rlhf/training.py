@@ -11,62 +11,10 @@ import torch
 from transformers import TrainerCallback
 
 from rlhf import models, progress, stage_log
-from rlhf.config import Adapter, Lora, PrefixTuning, PromptTuning, Training
+from rlhf.blocks import Adapter, Lora, PrefixTuning, PromptTuning
 from rlhf.store import digest_tree
 
 log = logging.getLogger("rlhf")
-
-
-def trainer_arguments(config: Training, seed: int, output_dir: Path, workers: int, rows: int) -> dict:
-    """Keyword arguments for SFTConfig / RewardConfig from a stage's typed block, `trainer_args` last.
-
-    `batch_size` is the batch of one optimiser step over all `workers`; `rows` is the training set's size.
-    """
-    # TRL tokenizes the whole training set first (10 s for the demo's 18k rows on 2 cores); a process pool
-    # takes about a second to start, more than it saves on a few thousand rows
-    processes = {"dataset_num_proc": torch.get_num_threads()} if rows >= 10_000 else {}
-    return _typed_arguments(config, seed, output_dir, workers) | processes | config.trainer_args
-
-
-def _typed_arguments(config: Training, seed: int, output_dir: Path, workers: int = 1) -> dict:
-    on_gpu = torch.cuda.is_available()
-    return dict(
-        output_dir=str(output_dir),
-        learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size // workers,
-        per_device_eval_batch_size=config.batch_size // workers,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        lr_scheduler_type="cosine",
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a share of all steps
-        weight_decay=config.weight_decay,
-        max_length=config.max_length,
-        eval_strategy="steps",
-        eval_steps=config.eval_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        logging_steps=config.logging_steps,
-        report_to=["mlflow"],
-        seed=seed,
-        data_seed=seed,
-        use_cpu=not on_gpu,
-        bf16=config.precision == "bf16",  # autocast: the weights and optimizer state stay fp32
-        **{_CHECKPOINTING: config.gradient_checkpointing},
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        dataloader_num_workers=0,
-        disable_tqdm=True,  # the stage's progress display shows the steps (`StageProgress`)
-    )
-
-
-def _checkpointing_argument() -> str:
-    """transformers renamed `gradient_checkpointing` (deprecated from 5.2x on, warning at every trainer)."""
-    from transformers import TrainingArguments
-
-    return "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
-
-
-_CHECKPOINTING = _checkpointing_argument()
 
 
 class StageProgress(TrainerCallback):
@@ -80,29 +28,6 @@ class StageProgress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero:
             stage_log.detail.info("step %d: %s", state.global_step, logs)
-
-
-def check_trainer_args(config_class: str, extra: dict) -> None:
-    """Raise ValueError unless TRL's `config_class` accepts `extra` beside the keys the typed block sets."""
-    import dataclasses
-    import tempfile
-
-    import trl
-
-    from rlhf.config import Training
-
-    cls = getattr(trl, config_class)
-    typed = _typed_arguments(Training(learning_rate=1e-3), 0, Path(tempfile.gettempdir()))
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    for key in extra:
-        if key in typed:
-            raise ValueError(f"'{key}' is set by this stage's own keys; use those instead")
-        if key not in known:
-            raise ValueError(f"'{key}' is not an argument of trl.{config_class}")
-    try:
-        cls(**typed | extra)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"trl.{config_class} refuses them: {exc}".replace("\n", " ")) from None
 
 
 def peft_config(adapter: Lora | Adapter | None, task_type: str, modules_to_save: list[str] | None = None,

@@ -28,7 +28,7 @@ import mlflow
 import torch
 
 from rlhf import session, training
-from rlhf.config import RayConfig
+from rlhf.cluster import RayConfig
 from rlhf.seeding import seed_everything
 
 

@@ -97,6 +97,26 @@ pipelines:
       grpo: {learning_rate: 0.003, iterations: 10, batch_size: 4, samples_per_prompt: 2, minibatches: 1, epochs: 2,
              max_new_tokens: 12, checkpoint_every: 5}
       evaluate: *tiny-evaluate
+  tiny-rloo:
+    description: tiny-ppo's stages (reused from it) and RLOO instead of PPO
+    tracking: {experiment: tests-ppo}
+    ray: *two-workers
+    stages:
+      <<: *train
+      sft: *sft60
+      rloo: {learning_rate: 0.003, iterations: 12, batch_size: 4, samples_per_prompt: 2, minibatches: 1, epochs: 2,
+             max_new_tokens: 12, checkpoint_every: 6}
+      evaluate: *tiny-evaluate
+  tiny-reinforce:
+    description: tiny-ppo's stages (reused from it) and REINFORCE++ instead of PPO
+    tracking: {experiment: tests-ppo}
+    ray: *two-workers
+    stages:
+      <<: *train
+      sft: *sft60
+      reinforce: {learning_rate: 0.003, iterations: 12, batch_size: 8, minibatches: 1, epochs: 2, max_new_tokens: 12,
+                  checkpoint_every: 6}
+      evaluate: *tiny-evaluate
   tiny-dpo:
     description: tiny-ppo's stages (reused from it) and on-policy DPO on Ray Train instead of PPO
     tracking: {experiment: tests-ppo}
@@ -165,7 +185,7 @@ class Cli:
         self.cwd, self.home = cwd, home
 
     def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "rlhf", "--home", str(self.home), *args]
+        return [sys.executable, "-m", "flows", "--home", str(self.home), *args]
 
     @staticmethod
     def env() -> dict[str, str]:
@@ -200,7 +220,7 @@ def cli(project: Path) -> Cli:
 def tiny_model(tmp_path_factory) -> tuple[Path, object, list]:
     """A 2-layer scratch model with its left-padding tokenizer, and four chat prompts, for PPO unit tests."""
     from rlhf import models
-    from rlhf.config import ScratchModel
+    from rlhf.blocks import ScratchModel
     from rlhf.synthetic_reviews import generate_examples
 
     examples = generate_examples(300, 0.25, seed=0)

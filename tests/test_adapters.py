@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from rlhf import evaluation, generation, models, trl_fit
-from rlhf.config import RayConfig, SftStage
+from rlhf.cluster import RayConfig
+from rlhf.stages.sft.config import SftStage
 from rlhf.data.prepare import write_splits
 from rlhf.synthetic_reviews import generate_examples
-from tasks.sft import make_trainer
+from rlhf.stages.sft.recipe import make_trainer
 
 ADAPTERS = {
     "lora": {"type": "lora", "r": 4, "alpha": 8},

@@ -15,7 +15,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from rlhf.config import FileSource, load_pipeline
+from rlhf.blocks import FileSource
+
+from rlhf.config import load_pipeline
 from rlhf.data import prepare
 from rlhf.data.formats import CONVERTERS
 from rlhf.errors import InputError

@@ -41,7 +41,7 @@ def test_overrides_parse_yaml_scalars_and_apply(project: Path):
 def test_bad_override_syntax_and_unknown_pipeline(project: Path):
     with pytest.raises(InputError, match="expected KEY=VALUE"):
         load_pipeline(project / "pipelines.yaml", "tiny", ["seed"])
-    with pytest.raises(InputError, match="no pipeline named 'nope'; defined: hh-tiny, tiny, tiny-dpo, tiny-grpo, tiny-ppo, tiny-rlhf"):
+    with pytest.raises(InputError, match="no pipeline named 'nope'; defined: hh-tiny, tiny, tiny-dpo, tiny-grpo, tiny-ppo, tiny-reinforce, tiny-rlhf, tiny-rloo"):
         load_pipeline(project / "pipelines.yaml", "nope")
     with pytest.raises(InputError, match="'seed' is a value, not a section"):
         load_pipeline(project / "pipelines.yaml", "tiny", ["seed.x=1"])
@@ -88,7 +88,8 @@ def test_serve_without_a_prefect_server_or_schedule_exits_2(cli):
 
 
 def test_the_shipped_pipelines_validate_and_read_only_files_inside_the_repository():
-    from rlhf.config import FileSource, load_file
+    from rlhf.blocks import FileSource
+    from rlhf.config import load_file
 
     root = Path(__file__).resolve().parents[1]
     shipped = load_file(root / "pipelines.yaml")
@@ -113,11 +114,11 @@ def test_trainer_args_reach_any_trl_key_and_are_checked_by_trl(project: Path):
 
 
 def test_ppo_without_sft_or_reward_stages_names_what_it_needs(project: Path):
-    with pytest.raises(InputError, match=r"stages.ppo.policy is required when the pipeline has no sft stage"):
+    with pytest.raises(InputError, match=r"stages.ppo.policy is required when no stage of the pipeline provides a policy"):
         load_pipeline(project / "pipelines.yaml", "tiny", ["stages.ppo.iterations=2"])
     with pytest.raises(InputError, match=r"stages.ppo.policy: the sft stage provides it"):
         load_pipeline(project / "pipelines.yaml", "tiny-ppo", ["stages.ppo.policy.init=pretrained", "stages.ppo.policy.path=x"])
-    with pytest.raises(InputError, match=r"stages.ppo.reward_model is required when the pipeline has no reward stage"):
+    with pytest.raises(InputError, match=r"stages.ppo.reward_model is required when no stage of the pipeline provides a reward model"):
         load_pipeline(
             project / "pipelines.yaml", "tiny",
             ["stages.ppo.iterations=2", "stages.ppo.policy.init=pretrained", "stages.ppo.policy.path=x"],

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import HH_FILE, preference_rows, write_jsonl
-from rlhf.config import FileSource
+from rlhf.blocks import FileSource
 from rlhf.data import formats, prepare, sources
 from rlhf.data.formats import RowProblem
 from rlhf.errors import InputError

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from rlhf import generation, models
-from rlhf.config import PretrainedModel, ScratchModel, load_pipeline
+from rlhf.blocks import PretrainedModel, ScratchModel
+from rlhf.config import load_pipeline
 from rlhf.errors import InputError
 from rlhf.pairs import gold_scorer, label
 from rlhf.synthetic_reviews import generate_examples, gold_reward
@@ -91,5 +92,5 @@ def test_schema_rules_for_the_training_stages(project: Path):
             project / "pipelines.yaml", "tiny",
             ["stages.sft.model.init=scratch", "stages.sft.learning_rate=0.01", "stages.sft.adapter={type: lora, r: 8}"],
         )
-    with pytest.raises(InputError, match="stages.reward.model is required when the pipeline has no sft stage"):
+    with pytest.raises(InputError, match="stages.reward.model is required when no stage of the pipeline provides a policy"):
         load_pipeline(project / "pipelines.yaml", "tiny", ["stages.reward.pairs.source=data", "stages.reward.learning_rate=0.01"])

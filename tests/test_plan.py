@@ -1,6 +1,6 @@
 import pytest
 
-from rlhf.config import plan
+from flows.plan import plan
 from rlhf.errors import InputError
 
 STAGES = ["data", "sft", "reward", "ppo"]

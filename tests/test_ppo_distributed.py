@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhf import generation
-from rlhf.config import PpoStage, ReinforceStage
+from rlhf.stages.rl.config import PpoStage, ReinforceStage
 from rlhf.ppo import algorithm as A
 from rlhf.ppo import roles as R
 from rlhf.ppo import rollout as rollouts
@@ -69,8 +69,19 @@ def _rank(rank: int, world: int, directory, rollout, rl, rendezvous, results):
 
 # REINFORCE++ whitens its returns over the whole batch too, with no critic to train
 @pytest.mark.parametrize("rl", [PPO, ReinforceStage(batch_size=4, minibatches=1, epochs=2, max_new_tokens=10)], ids=["ppo", "reinforce"])
-def test_two_workers_take_the_single_worker_step(setup, tmp_path, rl):
+# two minibatches: two steps per epoch, each minibatch a share of every worker's shard
+@pytest.mark.parametrize("minibatches", [
+    pytest.param(1, id="1-minibatch"),
+    # ENGINE BUG (found by this test, not fixed here): `update.update` shuffles each worker's own shard with
+    # `torch.randperm(local size)`, so with 2 workers a minibatch is one row of each shard, never the rows
+    # one worker's `randperm(4)` puts together: the steps differ. With the same (identity) order on both
+    # sides they agree to 6e-8. Remove the mark once the minibatches are drawn from the global batch.
+    pytest.param(2, id="2-minibatches", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+        "engine bug: each worker shuffles its own shard, so minibatches > 1 differ from one worker's"))),
+])
+def test_two_workers_take_the_single_worker_step(setup, tmp_path, rl, minibatches):
     directory, rollout = setup
+    rl = rl.model_copy(update={"minibatches": minibatches})
     if not rl.has_critic:
         rollout = replace(rollout, values=None)
     advantages, params, stats = _train(directory, replace(rollout), 1, rl)

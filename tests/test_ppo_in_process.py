@@ -9,43 +9,54 @@ import mlflow
 import pytest
 
 from conftest import wait_for
-from rlhf.config import PpoStage, RayConfig
+from rlhf.cluster import RayConfig
+from rlhf.stages.rl.config import GrpoStage, PpoStage
 from rlhf.ppo import driver
 
 PPO = PpoStage(iterations=40, batch_size=4, minibatches=2, epochs=2, max_new_tokens=10, normalisation_samples=4, checkpoint_every=2)
+# critic-free, two samples per prompt, the KL in the loss: 8 responses per iteration
+GRPO = GrpoStage(iterations=20, batch_size=4, samples_per_prompt=2, minibatches=2, epochs=2, max_new_tokens=10,
+                 normalisation_samples=4, checkpoint_every=2)
 HERE = RayConfig(num_workers=1, cpus_per_worker=1)
 
 
-def _run(directory, prompts, storage, store):
+def _run(stage, rl, directory, prompts, storage, store):
     """The stage's loop as `tasks/rl.py` calls it, logging to a fresh MLflow run; returns the history."""
     mlflow.set_tracking_uri(f"sqlite:///{store}")
     run = mlflow.MlflowClient().create_run("0")
     final = driver.run(
-        "ppo", PPO, HERE, name="ppo-test", storage=storage, seed=0, policy_model=directory, reward_model=directory,
+        stage, rl, HERE, name=f"{stage}-test", storage=storage, seed=0, policy_model=directory, reward_model=directory,
         critic_lora=None, prompts=prompts, gold="synthetic_reviews", mlflow_uri=mlflow.get_tracking_uri(),
         mlflow_run_id=run.info.run_id,
     )
     return json.loads((final / "history.json").read_text())
 
 
-def test_a_crash_resumes_from_the_newest_whole_checkpoint_to_the_same_history(tiny_model, tmp_path):
+@pytest.mark.parametrize(("stage", "rl"), [("ppo", PPO), ("grpo", GRPO)], ids=["ppo", "grpo"])
+def test_a_crash_resumes_from_the_newest_whole_checkpoint_to_the_same_history(tiny_model, tmp_path, stage, rl):
     directory, _, prompts = tiny_model
-    straight = _run(directory, prompts, tmp_path / "straight", tmp_path / "straight.db")
-    assert [h["iteration"] for h in straight] == list(range(1, 41))
-    assert sorted(p.name for p in (tmp_path / "straight" / "ppo-test").iterdir()) == ["checkpoint_000038", "checkpoint_000040"]
+    last = rl.iterations
+    straight = _run(stage, rl, directory, prompts, tmp_path / "straight", tmp_path / "straight.db")
+    assert [h["iteration"] for h in straight] == list(range(1, last + 1))
+    assert sorted(p.name for p in (tmp_path / "straight" / f"{stage}-test").iterdir()) == [
+        f"checkpoint_{last - 2:06d}", f"checkpoint_{last:06d}"]
 
     storage = tmp_path / "crashed"
-    crashing = multiprocessing.get_context("spawn").Process(target=_run, args=(directory, prompts, storage, tmp_path / "crashed.db"))
+    crashing = multiprocessing.get_context("spawn").Process(
+        target=_run, args=(stage, rl, directory, prompts, storage, tmp_path / "crashed.db"))
     crashing.start()
-    wait_for(lambda: (storage / "ppo-test" / "checkpoint_000004").exists() or not crashing.is_alive(), 300, "a checkpoint")
+    wait_for(lambda: (storage / f"{stage}-test" / "checkpoint_000004").exists() or not crashing.is_alive(), 300, "a checkpoint")
     assert crashing.is_alive(), "the run ended before it could be killed"
     os.kill(crashing.pid, signal.SIGKILL)
     crashing.join()
-    (storage / "ppo-test" / ".partial-40").mkdir()  # as a crash in the middle of writing one leaves it
+    (storage / f"{stage}-test" / f".partial-{last}").mkdir()  # as a crash in the middle of writing one leaves it
 
-    resumed = _run(directory, prompts, storage, tmp_path / "crashed.db")
-    assert 4 <= max(h["restored_from"] for h in resumed) < 40
+    resumed = _run(stage, rl, directory, prompts, storage, tmp_path / "crashed.db")
+    assert 4 <= max(h["restored_from"] for h in resumed) < last
     assert len(resumed) == len(straight)
+    # the critic's loss for PPO; GRPO's KL term in its loss
+    keys = ("policy_loss", "score", "kl", "reward_total", "gold") + (("value_loss",) if rl.has_critic else ("kl_loss",))
     for got, want in zip(resumed, straight):
-        for key in ("policy_loss", "score", "kl", "value_loss", "reward_total", "gold"):
+        for key in keys:
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["iteration"], key)
+    assert all(("value_loss" in h) == rl.has_critic for h in resumed)

@@ -8,7 +8,9 @@ import mlflow
 import torch
 from safetensors.torch import load_file
 
-from rlhf.config import PpoStage, RayConfig
+from rlhf.cluster import RayConfig
+
+from rlhf.stages.rl.config import PpoStage
 from rlhf.ppo import algorithm as A
 from rlhf.ppo import driver
 from rlhf.ppo.roles import load, response_logits

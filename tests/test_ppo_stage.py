@@ -189,7 +189,7 @@ def test_the_dashboard_shows_the_run_through_the_rest_api(reference):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    ui = subprocess.Popen([sys.executable, "-m", "rlhf", "--home", str(home), "ui", "--port", str(port)], cwd=project,
+    ui = subprocess.Popen([sys.executable, "-m", "flows", "--home", str(home), "ui", "--port", str(port)], cwd=project,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=Cli.env())
     api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
 

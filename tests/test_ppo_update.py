@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf import generation
-from rlhf.config import GrpoStage, PpoStage
+from rlhf.stages.rl.config import GrpoStage, PpoStage
 from rlhf.ppo import algorithm as A
 from rlhf.ppo import roles as R
 from rlhf.ppo import rollout as rollouts
@@ -62,7 +62,7 @@ def _rollout(scores, logp, ref_logp, mask):
 
 
 def test_each_estimator_turns_scores_into_its_advantages():
-    from rlhf.config import ReinforceStage, RlooStage
+    from rlhf.stages.rl.config import ReinforceStage, RlooStage
 
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
     logp, ref_logp = torch.full((4, 2), -1.0), torch.full((4, 2), -1.5)  # k1 KL of 0.5 per token

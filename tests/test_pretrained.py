@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf import generation, models
-from rlhf.config import PretrainedModel, ScratchModel
+from rlhf.blocks import PretrainedModel, ScratchModel
 from rlhf.errors import InputError
 from rlhf.ppo import algorithm as A
 from rlhf.synthetic_reviews import generate_examples

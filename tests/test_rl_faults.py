@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from rlhf import generation
-from rlhf.config import Lora, PpoStage, RayConfig, RlooStage, load_pipeline
+from rlhf.blocks import Lora
+from rlhf.cluster import RayConfig
+from rlhf.config import load_pipeline
+from rlhf.stages.rl.config import PpoStage, RlooStage
 from rlhf.errors import InputError
 from rlhf.ppo import algorithm as A
 from rlhf.ppo import driver
@@ -17,7 +20,7 @@ from rlhf.ppo.methods import AGGREGATIONS
 from rlhf.ppo import roles as R
 from rlhf.ppo import rollout as rollouts
 from rlhf.ppo.update import update
-from rlhf.stages import stage_fingerprint
+from rlhf.lifecycle import stage_fingerprint
 
 CPU = torch.device("cpu")
 HERE = RayConfig(num_workers=1, cpus_per_worker=1)
@@ -95,7 +98,7 @@ def test_the_critic_starts_on_the_scale_of_the_normalised_scores(tiny_model, cri
 
 
 def test_an_rl_stage_names_its_own_max_prompt_tokens(tiny_model):
-    from tasks.rl import _fitting
+    from rlhf.stages.rl.recipe import _fitting
 
     directory, _, prompts = tiny_model
     with pytest.raises(InputError, match=r"^stages\.grpo\.max_prompt_tokens: "):

@@ -5,7 +5,7 @@ from typing import get_args
 import pytest
 import torch
 
-from rlhf.config import LossAggregation, PpoStage, RlStage, ReinforceStage, RlooStage, GrpoStage
+from rlhf.stages.rl.config import GrpoStage, LossAggregation, PpoStage, ReinforceStage, RlStage, RlooStage
 from rlhf.graph import GRAPH
 from rlhf.ppo import algorithm as A
 from rlhf.ppo import rollout as rollouts

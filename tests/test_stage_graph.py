@@ -10,14 +10,12 @@ from rlhf.config import load_pipeline
 from rlhf.errors import InputError
 from rlhf.graph import GRAPH
 
-# the whole of a new stage, as a user would add it: its recipe and task, and one `declare`
+# the whole of a new stage, as a user would add it: its block, its recipe and one `declare`
 TOY_STAGE = '''
-from prefect import task
-
-from rlhf.config import StageConfig
+from rlhf.blocks import StageConfig
 from rlhf.data.prepare import load_splits
 from rlhf.graph import Stage, declare
-from rlhf.stages import StageResult, run_stage
+from rlhf.lifecycle import StageResult
 
 
 class ToyStage(StageConfig):
@@ -25,17 +23,12 @@ class ToyStage(StageConfig):
 
 
 def count_prompts(ctx):
-    prompts = load_splits(ctx.upstream["data"] / "prompts")["train"]
+    prompts = load_splits(ctx.input("data") / "prompts")["train"]
     (ctx.outputs / "echo.txt").write_text(ctx.config.word * len(prompts))
     return StageResult(metrics={"prompts": float(len(prompts))}, headline="prompts")
 
 
-@task(name="toy")
-def toy(spec):
-    return run_stage(spec, count_prompts)
-
-
-declare(Stage("toy", ToyStage, reads=("data",), task="toy_stage:toy"))
+declare(Stage("toy", ToyStage, "toy_stage:count_prompts", needs=("data",)))
 '''
 TOY_PIPELINE = """
   toy-pipeline:
@@ -53,7 +46,7 @@ def test_a_new_stage_is_a_recipe_a_declaration_and_yaml(project):
 
     def rlhf(*args):
         # the plug-in is imported before the CLI, as a user's own entry point would
-        command = [sys.executable, "-c", "import toy_stage, rlhf.cli; rlhf.cli.main()", "--home", str(project / "home"), *args]
+        command = [sys.executable, "-c", "import toy_stage, flows.cli; flows.cli.main()", "--home", str(project / "home"), *args]
         return subprocess.run(command, cwd=project, env=Cli.env(), capture_output=True, text=True, timeout=600)
 
     first = rlhf("run", "toy-pipeline")
@@ -73,7 +66,8 @@ def test_order_and_reads_follow_the_graph_and_evaluate_picks_its_candidate(proje
     assert pipeline.stages.present() == ["data", "sft", "reward", "ppo", "evaluate"]
     assert pipeline.stages.reads("evaluate") == ["data", "sft", "reward", "ppo"]
     assert (pipeline.stages.evaluate.candidate, pipeline.stages.evaluate.baseline) == ("ppo", "sft")
-    assert {"ppo", "grpo", "rloo", "reinforce", "dpo"} <= {name for name, stage in GRAPH.items() if stage.policy}
+    assert {"ppo", "grpo", "rloo", "reinforce", "dpo"} <= {name for name, stage in GRAPH.items() if "policy" in stage.provides}
+    assert pipeline.stages.providers("ppo") == {"data": "data", "policy": "sft", "reward_model": "reward"}
     with pytest.raises(InputError, match="stages.evaluate.candidate: 'dpo' is not one of this pipeline's policies: sft, ppo"):
         load_pipeline(project / "pipelines.yaml", "tiny-ppo", ["stages.evaluate.candidate=dpo"])
     with pytest.raises(InputError, match="unknown key 'pipelines.tiny-ppo.stages.ppo.samples'"):

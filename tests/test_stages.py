@@ -10,7 +10,7 @@ import pytest
 from rlhf import tracking
 from rlhf.config import load_pipeline
 from rlhf.errors import StageFailed
-from rlhf.stages import StageResult, StageSpec, run_stage
+from rlhf.lifecycle import StageResult, StageSpec, run_stage
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def spec(project: Path, tmp_path: Path):
     _, pipeline = load_pipeline(project / "pipelines.yaml", "tiny")
 
     def make(force: bool = False) -> StageSpec:
-        return StageSpec(home, "tiny", pipeline, "data", {}, {}, experiment, parent, force)
+        return StageSpec(home, "tiny", pipeline, "data", {}, {}, {}, experiment, parent, force)
 
     return make
 

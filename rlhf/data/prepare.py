@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rlhf import synthetic_reviews
-from rlhf.config import SyntheticReviewsSource
+from rlhf.blocks import SyntheticReviewsSource
 from rlhf.data import sources
 from rlhf.data.formats import CONVERTERS, RowProblem, text_of
 from rlhf.errors import InputError

@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from rlhf.config import FileSource, HubSource
+from rlhf.blocks import FileSource, HubSource
 from rlhf.errors import InputError
 
 Row = tuple[int, dict]

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf import session
-from rlhf.config import Lora, RayConfig, RlStage
+from rlhf.blocks import Lora
+from rlhf.cluster import RayConfig
+from rlhf.stages.rl.config import RlStage
 from rlhf.ppo.worker import train_loop
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from rlhf import generation, models
-from rlhf.config import Lora, RlStage
+from rlhf.blocks import Lora
+from rlhf.stages.rl.config import RlStage
 from rlhf.training import peft_config
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf import generation
-from rlhf.config import RlStage
+from rlhf.stages.rl.config import RlStage
 from rlhf.generation import render
 from rlhf.ppo import algorithm as A
 from rlhf.ppo.methods import ESTIMATORS, Signals

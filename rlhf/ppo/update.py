@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from rlhf.config import RlStage
+from rlhf.stages.rl.config import RlStage
 from rlhf.ppo import algorithm as A
 from rlhf.ppo.methods import AGGREGATIONS, POLICY_LOSSES, Aggregation
 from rlhf.ppo.roles import Roles, response_logits

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from pydantic import TypeAdapter
 
 from rlhf import generation, gold, models, progress
-from rlhf.config import Lora, RlConfig
+from rlhf.blocks import Lora
+from rlhf.stages.rl.config import RlConfig
 from rlhf.data.formats import text_of
 from rlhf.errors import InputError
 from rlhf.ppo import algorithm as A

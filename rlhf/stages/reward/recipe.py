@@ -14,30 +14,29 @@ from functools import partial
 from pathlib import Path
 
 import mlflow
-from prefect import task
-from prefect.cache_policies import NONE
 from trl import RewardConfig, RewardTrainer
 
 from rlhf import generation, models, pairs, training, trl_fit
-from rlhf.config import PolicyPairs, RewardStage
+from rlhf.stages.reward.config import PolicyPairs, RewardStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits, write_splits
 from rlhf.errors import InputError
 from rlhf.seeding import seed_everything
-from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
+from rlhf.lifecycle import StageContext, StageResult
+from rlhf.stages.policies import reward_model
 
 
 def train_reward(ctx: StageContext) -> StageResult:
     config: RewardStage = ctx.config
-    data_dir = ctx.upstream["data"]
+    data_dir = ctx.input("data")
     if config.model is None:
-        base = ctx.upstream["sft"] / "model"
+        base = ctx.input("policy") / "model"
     else:
         base = models.provision(config.model, _texts(data_dir), ctx.seed, "stages.reward.model", ctx.work / "base", ctx.home)
 
     pair_dir = ctx.work / "pairs"  # made once per attempt, so a resumed attempt trains on the same pairs
     if not (pair_dir / "eval.parquet").exists():
-        _make_pairs(config, ctx, ctx.upstream["sft"] / "model" if "sft" in ctx.upstream else base)
+        _make_pairs(config, ctx, ctx.input("policy") / "model" if ctx.input("policy") is not None else base)
     data = load_splits(pair_dir)
     held_out = training.eval_subset(data["eval"], config.eval_rows, ctx.seed)
 
@@ -84,10 +83,6 @@ def make_trainer(config: dict, seed: int, base: Path, pair_dir: Path, workers: i
     return trainer, tokenizer
 
 
-@task(name="reward", cache_policy=NONE, persist_result=False)
-def reward(spec: StageSpec) -> StageRecord:
-    return run_stage(spec, train_reward)
-
 
 def _texts(data_dir: Path):
     """What a scratch tokenizer is trained on: the preference pairs, read only if needed."""
@@ -96,10 +91,10 @@ def _texts(data_dir: Path):
 
 
 def _make_pairs(config: RewardStage, ctx: StageContext, policy_dir: Path) -> None:
-    data_dir = ctx.upstream["data"]
+    data_dir = ctx.input("data")
     if not isinstance(config.pairs, PolicyPairs):
         if not (data_dir / "preferences").exists():
-            raise InputError("stages.reward.pairs.source: 'data' needs stages.data.preferences")
+            raise InputError(f"stages.{ctx.stage}.pairs.source: 'data' needs stages.data.preferences")
         preferences = load_splits(data_dir / "preferences")
         write_splits({split: list(preferences[split]) for split in preferences}, ctx.work / "pairs")
         return

@@ -13,12 +13,10 @@ import warnings
 
 import mlflow
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NONE
 
-from rlhf.config import DataStage
+from rlhf.stages.data.config import DataStage
 from rlhf.data import formats, prepare
-from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
+from rlhf.lifecycle import StageContext, StageResult
 from rlhf.store import digest_tree
 
 
@@ -53,10 +51,6 @@ def prepare_data(ctx: StageContext) -> StageResult:
     role = next(role for role in ("instructions", "preferences", "prompts") if role in stats)
     return StageResult(metrics=metrics, headline=f"{role}.train.rows")
 
-
-@task(name="data", cache_policy=NONE, persist_result=False)
-def data_prep(spec: StageSpec) -> StageRecord:
-    return run_stage(spec, prepare_data)
 
 
 def _numbers(tree: dict, prefix: str = ""):

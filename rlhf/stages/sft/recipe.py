@@ -15,20 +15,18 @@ from functools import partial
 from pathlib import Path
 
 import mlflow
-from prefect import task
-from prefect.cache_policies import NONE
 from trl import SFTConfig, SFTTrainer
 
 from rlhf import generation, models, training, trl_fit
-from rlhf.config import SftStage
+from rlhf.stages.sft.config import SftStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits
-from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
+from rlhf.lifecycle import StageContext, StageResult
 
 
 def train_sft(ctx: StageContext) -> StageResult:
     config: SftStage = ctx.config
-    data_dir = ctx.upstream["data"]
+    data_dir = ctx.input("data")
     texts = (text_of(row["prompt"]) + "\n" + text_of(row["completion"]) for row in _instructions(data_dir)["train"])
     base = models.provision(config.model, texts, ctx.seed, "stages.sft.model", ctx.work / "base", ctx.home)
 
@@ -67,10 +65,6 @@ def make_trainer(config: dict, seed: int, base: Path, data_dir: Path, workers: i
     )
     return trainer, tokenizer
 
-
-@task(name="sft", cache_policy=NONE, persist_result=False)
-def sft(spec: StageSpec) -> StageRecord:
-    return run_stage(spec, train_sft)
 
 
 def _instructions(data_dir: Path):

@@ -62,6 +62,7 @@ PipelineArg = Annotated[
 
 @app.callback()
 def _options(
+    ctx: typer.Context,
     home: Annotated[
         Optional[Path], typer.Option("--home", envvar="RLHF_HOME", help="artifacts, MLflow store, Prefect home", show_default="./.rlhf")
     ] = None,
@@ -69,7 +70,9 @@ def _options(
         bool, typer.Option("--verbose", "-v", help="also show on the console what libraries and Ray workers print (always in each stage's stage.log)")
     ] = False,
 ) -> None:
-    state["home"] = rlhf_home.resolve(home)
+    # checked here, before any command: a home that is a file would end each one in a traceback of its own
+    source = ctx.get_parameter_source("home")
+    state["home"] = rlhf_home.resolve(home, "RLHF_HOME" if source and source.name == "ENVIRONMENT" else "--home")
     if verbose:
         os.environ[stage_log.VERBOSE] = "1"
     else:  # e.g. MLflow's lines as it creates its database
@@ -78,6 +81,21 @@ def _options(
 
 def _config(config: Path | None) -> Path:
     return config or rlhf_home.default_config()
+
+
+def _check_given_models(config: Path, name: str, pipeline) -> None:
+    """Digest what the stages after `data` read from outside the store (a given reward model): a bad path is
+    named by file and dotted key now, not as a bare `reward_model:` after the stages before it have run."""
+    for stage in pipeline.stages.present()[1:]:  # the data files: read row by row by `validate` and the data stage
+        block = getattr(pipeline.stages, stage)
+        try:
+            block.external_inputs()
+        except InputError as exc:
+            key, _, why = str(exc).partition(": ")
+            if key not in type(block).model_fields:  # the message does not start with one of the block's keys
+                key, why = "", str(exc)
+            dotted = ".".join(filter(None, ("pipelines", name, "stages", stage, key)))
+            raise InputError(f"{config}: '{dotted}': {why}") from None
 
 
 @app.command()
@@ -92,11 +110,13 @@ def run(
     config: ConfigOption = None,
 ) -> None:
     """Run a pipeline; completed stages whose inputs did not change are reused."""
-    from rlhf.config import load_pipeline, plan
+    from flows.plan import plan
+    from rlhf.config import load_pipeline
 
     config = _config(config)
     name, parsed = load_pipeline(config, pipeline, overrides or [])  # fail fast, before Prefect starts
     plan(parsed.stages.present(), from_stage, only)
+    _check_given_models(config, name, parsed)
     rlhf_home.prepare(state["home"])
     logging.getLogger("rlhf").setLevel(logging.INFO)
     from flows.run import run_pipeline
@@ -137,7 +157,7 @@ def _summary(result: dict) -> None:
     ran = [r for r in result["stages"] if r.action != "reused"]
     if ran:
         console.print(f"stage logs: {' '.join(str(r.outputs.parent / stage_log.FILE_NAME) for r in ran)}", soft_wrap=True)
-    from rlhf.report import evaluation_lines
+    from flows.report import evaluation_lines
 
     for line in evaluation_lines(result["stages"], result["pipeline"]):
         console.print(line, style="bold red" if line.startswith("WARNING") else None)
@@ -157,9 +177,11 @@ def _number(value: float) -> str:
 def status(pipeline: PipelineArg = None, overrides: SetOption = None, config: ConfigOption = None) -> None:
     """One row per stage: state, fingerprint, finished at, headline metric, MLflow run id."""
     from rlhf.config import load_pipeline
-    from rlhf.stages import stage_states
+    from flows.plan import stage_states
 
-    name, parsed = load_pipeline(_config(config), pipeline, overrides or [])
+    config = _config(config)
+    name, parsed = load_pipeline(config, pipeline, overrides or [])
+    _check_given_models(config, name, parsed)  # the stage fingerprints digest them
     table = Table(title=f"pipeline {name}  (home {state['home']})")
     for column in ("stage", "state", "fingerprint", "finished at", "headline", "MLflow run"):
         table.add_column(column, no_wrap=column in ("state", "fingerprint"))
@@ -188,7 +210,8 @@ def list_pipelines(config: ConfigOption = None) -> None:
 @app.command()
 def validate(config: ConfigOption = None) -> None:
     """Check the pipelines file and every row of the data files it names; starts no server, trains nothing."""
-    from rlhf.config import FileSource, load_file
+    from rlhf.blocks import FileSource
+    from rlhf.config import load_file
     from rlhf.data import prepare
     from rlhf.data.formats import CONVERTERS
     from rlhf.data.sources import describe
@@ -196,9 +219,8 @@ def validate(config: ConfigOption = None) -> None:
     path = _config(config)
     parsed = load_file(path)
     checked = set()
-    for pipeline in parsed.pipelines.values():
-        for stage in pipeline.stages.present()[1:]:  # a given reward model; the data files are read in full below
-            getattr(pipeline.stages, stage).external_inputs()
+    for name, pipeline in parsed.pipelines.items():
+        _check_given_models(path, name, pipeline)  # the data files are read in full below
         for role in CONVERTERS:
             source = getattr(pipeline.stages.data, role)
             if not isinstance(source, FileSource) or (role, describe(source)) in checked:
@@ -284,7 +306,7 @@ def main() -> None:
             print(f"error: {usage.format_message()}{where}", file=sys.stderr)
         sys.exit(usage.exit_code)
     except (InputError, StageFailed) as error:
-        pending.append(f"error: {error}")
+        pending.append("error: " + " ".join(str(error).splitlines()))  # one line, whatever the message holds
         sys.exit(error.exit_code)
     if code == 130:
         pending.append("interrupted: run the same command again to resume; completed stages are reused "

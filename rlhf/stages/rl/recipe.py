@@ -22,23 +22,23 @@ import shutil
 from pathlib import Path
 
 import mlflow
-from prefect import task
-from prefect.cache_policies import NONE
 
 from rlhf import models, plots, registry
-from rlhf.config import Lora, RlStage, ScratchModel
+from rlhf.blocks import Lora, ScratchModel
+from rlhf.stages.rl.config import RlStage
 from rlhf.data.prepare import load_splits
 from rlhf.errors import InputError
 from rlhf.generation import render
 from rlhf.ppo import driver
-from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
+from rlhf.lifecycle import StageContext, StageResult
+from rlhf.stages.policies import reward_model, starting_policy
 
 log = logging.getLogger("rlhf")
 
 
 def train_rl(ctx: StageContext) -> StageResult:
     config: RlStage = ctx.config
-    data_dir, start = ctx.upstream["data"], ctx.starting_policy(ctx.stage)
+    data_dir, start = ctx.input("data"), starting_policy(ctx, ctx.stage)
     gold = ctx.gold_name
 
     final = driver.run(
@@ -47,7 +47,7 @@ def train_rl(ctx: StageContext) -> StageResult:
         storage=ctx.work / "ray",
         seed=ctx.seed,
         policy_model=start,
-        reward_model=ctx.reward_model(ctx.stage),
+        reward_model=reward_model(ctx, ctx.stage),
         critic_lora=_critic_lora(config, ctx),
         prompts=_fitting(list(load_splits(data_dir / "prompts")["train"]["prompt"]), start, config.max_prompt_tokens, ctx.stage),
         gold=gold,
@@ -96,13 +96,9 @@ def _critic_lora(config: RlStage, ctx: StageContext) -> Lora | None:
         return None
     if config.critic_lora != "auto":
         return config.critic_lora
-    sft = ctx.pipeline.stages.sft
-    return None if sft is not None and isinstance(sft.model, ScratchModel) else Lora()
+    start = ctx.pipeline.stages.given("policy", ctx.stage)  # the block of the stage that made the starting policy
+    return None if isinstance(getattr(start, "model", None), ScratchModel) else Lora()
 
-
-@task(name="rl", cache_policy=NONE, persist_result=False)
-def rl(spec: StageSpec) -> StageRecord:
-    return run_stage(spec, train_rl)
 
 
 def _merge_policy(start: Path, ctx: StageContext) -> None:

@@ -17,19 +17,19 @@ from functools import partial
 from pathlib import Path
 
 import mlflow
-from prefect import task
-from prefect.cache_policies import NONE
 from trl import DPOConfig, DPOTrainer
 
 from rlhf import models, pairs, registry, training, trl_fit
-from rlhf.config import DpoStage, LoraAdapter, RewardModelPairs
+from rlhf.blocks import LoraAdapter
+from rlhf.stages.dpo.config import DpoStage, RewardModelPairs
 from rlhf.data.prepare import load_splits, write_splits
-from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
+from rlhf.lifecycle import StageContext, StageResult
+from rlhf.stages.policies import reward_model, starting_policy
 
 
 def train_dpo(ctx: StageContext) -> StageResult:
     config: DpoStage = ctx.config
-    start = ctx.starting_policy(ctx.stage)
+    start = starting_policy(ctx, ctx.stage)
     pair_dir = ctx.work / "pairs"  # made once per attempt, so a resumed attempt trains on the same pairs
     if not (pair_dir / "eval.parquet").exists():
         write_splits(_pairs(config, ctx, start), pair_dir)
@@ -78,18 +78,14 @@ def make_trainer(config: dict, seed: int, start: Path, pair_dir: Path, workers: 
 
 
 def _pairs(config: DpoStage, ctx: StageContext, start: Path) -> dict[str, list[dict]]:
-    data_dir = ctx.upstream["data"]
+    data_dir = ctx.input("data")
     if not isinstance(config.pairs, RewardModelPairs):
         preferences = load_splits(data_dir / "preferences")
         return {split: list(preferences[split]) for split in preferences}
-    reward_dir = ctx.reward_model(ctx.stage)
+    reward_dir = reward_model(ctx, ctx.stage)
     scorer = pairs.reward_model_scorer(models.load_reward_model(reward_dir), models.load_tokenizer(reward_dir))
     return pairs.policy_pairs(
         start, load_splits(data_dir / "prompts"), {"train": config.pairs.count, "eval": config.pairs.eval_count},
         scorer, config.pairs.min_score_gap, config.pairs, ctx.seed,
     )
 
-
-@task(name="dpo", cache_policy=NONE, persist_result=False)
-def dpo(spec: StageSpec) -> StageRecord:
-    return run_stage(spec, train_dpo)

@@ -1,7 +1,7 @@
 """The life of a stage: fingerprint, lock, MLflow child run, recipe, manifest.
 
-A stage *recipe* (in `tasks/`) is a plain function from a `StageContext` to a
-`StageResult`. `run_stage` wraps it: it takes the stage directory's lock,
+A stage *recipe* (`rlhf/stages/<stage>/recipe.py`) is a plain function from a
+`StageContext` to a `StageResult`. `run_stage` wraps it: it takes the stage directory's lock,
 resumes the attempt in `work/` if there is one (same MLflow run id), and
 writes the manifest last. A recipe that raises leaves no manifest behind.
 """
@@ -13,7 +13,7 @@ import platform
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
+from importlib import import_module, metadata
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +21,10 @@ import mlflow
 from filelock import Timeout
 
 from rlhf import progress, stage_log, tracking
-from rlhf.config import Pipeline
 from rlhf.errors import InputError, ServerLost, StageFailed
 from rlhf.gold import Gold, named, task_gold_name
+from rlhf.graph import GRAPH
+from rlhf.pipeline import Pipeline
 from rlhf.store import StageDir, digest_tree, fingerprint
 
 log = logging.getLogger("rlhf")
@@ -42,6 +43,7 @@ class StageSpec:
     stage: str
     inputs: dict[str, str]
     upstream: dict[str, Path]
+    providers: dict[str, str]  # what the stage needs -> the stage that provides it
     experiment: str
     parent_run: str
     force: bool = False
@@ -65,33 +67,26 @@ class StageContext:
     config: object
     seed: int
     pipeline: Pipeline
-    upstream: dict[str, Path]
+    upstream: dict[str, Path]  # the outputs of each stage it reads, by stage
+    providers: dict[str, str]
     outputs: Path
     work: Path
     run_id: str
     home: Path  # shared caches (prepared pretrained models) live here
 
+    def input(self, need: str) -> Path | None:
+        """The outputs of the stage that provides what this one needs (data, policy, reward_model); None when
+        no stage of the pipeline provides it."""
+        provider = self.providers.get(need)
+        return None if provider is None else self.upstream[provider]
+
     @property
     def gold_name(self) -> str | None:
         """The task's gold reward, by the name the data stage recorded; None when the task has none."""
-        return task_gold_name(self.upstream["data"])
+        return task_gold_name(self.input("data"))
 
     def gold(self) -> Gold | None:
         return named(self.gold_name)
-
-    def starting_policy(self, stage: str) -> Path:
-        """The policy `stage` starts from: the SFT model, else its block's `policy`, prepared under the home."""
-        if "sft" in self.upstream:
-            return self.upstream["sft"] / "model"
-        from rlhf import models
-
-        return models.pretrained_dir(getattr(self.pipeline.stages, stage).policy, self.home, f"stages.{stage}.policy")
-
-    def reward_model(self, stage: str) -> Path:
-        """The reward model `stage` optimises or is scored by: the reward stage's, else its block's `reward_model`."""
-        if "reward" in self.upstream:
-            return self.upstream["reward"] / "model"
-        return getattr(self.pipeline.stages, stage).reward_model
 
 
 @dataclass
@@ -123,36 +118,6 @@ def stage_fingerprint(pipeline: Pipeline, stage: str, inputs: dict[str, str]) ->
     return fingerprint(stage, config, pipeline.seed, inputs)
 
 
-class Planner:
-    """Walks a pipeline's stages in order, each fingerprinted from the digests of the stages it reads.
-
-    `rlhf run` (the flow) and `rlhf status` both plan with it, so they agree on every fingerprint.
-    """
-
-    def __init__(self, home: Path, name: str, pipeline: Pipeline, experiment: str = "", parent_run: str = ""):
-        self.home, self.name, self.pipeline = home, name, pipeline
-        self.experiment, self.parent_run = experiment, parent_run
-        self.done: dict[str, tuple[str, Path]] = {}  # stage -> digest and outputs of its complete result
-
-    def spec(self, stage: str, force: bool = False) -> StageSpec | None:
-        """The stage's spec; None while a stage it reads has no complete result yet."""
-        reads = self.pipeline.stages.reads(stage)
-        if any(name not in self.done for name in reads):
-            return None
-        return StageSpec(
-            home=self.home, pipeline_name=self.name, pipeline=self.pipeline, stage=stage,
-            inputs={name: self.done[name][0] for name in reads} | getattr(self.pipeline.stages, stage).external_inputs(),
-            upstream={name: self.done[name][1] for name in reads},
-            experiment=self.experiment, parent_run=self.parent_run, force=force,
-        )
-
-    def waiting_for(self, stage: str) -> str:
-        return next(name for name in self.pipeline.stages.reads(stage) if name not in self.done)
-
-    def complete(self, stage: str, digest: str, outputs: Path) -> None:
-        self.done[stage] = (digest, outputs)
-
-
 def completed(spec: StageSpec) -> tuple[StageDir, dict] | None:
     """Where the stage's result already is, unless the run forces it: its own directory, else the same
     stage and fingerprint made by another pipeline of the home (`demo-grpo` after `demo` reuses data, sft
@@ -164,31 +129,6 @@ def completed(spec: StageSpec) -> tuple[StageDir, dict] | None:
         if manifest is not None:
             return stage_dir, manifest
     return None
-
-
-def stage_states(home: Path, name: str, pipeline: Pipeline) -> list[tuple[str, ...]]:
-    """Rows for `rlhf status`: stage, state, fingerprint, finished at, headline, MLflow run."""
-    rows, planner = [], Planner(home, name, pipeline)
-    for stage in pipeline.stages.present():
-        spec = planner.spec(stage)
-        if spec is None:
-            rows.append((stage, f"waits for {planner.waiting_for(stage)}", "", "", "", ""))
-            continue
-        found = completed(spec)
-        if found is not None:
-            stage_dir, manifest = found
-            planner.complete(stage, manifest["outputs"]["digest"], stage_dir.outputs)
-            headline = manifest.get("headline")
-            shown = f"{headline} = {manifest['metrics'][headline]:.6g}" if headline else ""
-            where = "" if stage_dir == spec.dir else f" (from {stage_dir.root.parents[1].name})"  # made by that pipeline
-            rows.append((stage, f"complete{where}", spec.fingerprint, manifest["finished_at"][:19], shown, manifest["mlflow_run_id"]))
-        elif spec.dir.is_busy():
-            rows.append((stage, "running", spec.fingerprint, "", "", ""))
-        elif spec.dir.work.exists():
-            rows.append((stage, f"partial, resumable ({spec.dir.work})", spec.fingerprint, "", "", ""))
-        else:
-            rows.append((stage, "not run", spec.fingerprint, "", "", ""))
-    return rows
 
 
 def log_path(stage_dir: StageDir) -> Path:
@@ -227,6 +167,12 @@ def reuse_stage(spec: StageSpec, stage_dir: StageDir, manifest: dict) -> StageRe
     run_id = tracking.record_reused(spec.experiment, spec.parent_run, spec.stage, manifest)
     log.info("%s: reused %s (made by MLflow run %s)", spec.stage, stage_dir.root, manifest["mlflow_run_id"])
     return _record(spec, stage_dir, manifest, "reused", run_id, time.monotonic() - started)
+
+
+def recipe(stage: str) -> Callable[[StageContext], StageResult]:
+    """The stage's recipe, imported when it runs: a fully reused pipeline never loads torch."""
+    module, name = GRAPH[stage].recipe.split(":")
+    return getattr(import_module(module), name)
 
 
 def run_stage(spec: StageSpec, recipe: Callable[[StageContext], StageResult]) -> StageRecord:
@@ -271,6 +217,7 @@ def _attempt(spec: StageSpec, stage_dir: StageDir, recipe: Callable[[StageContex
                 seed=spec.pipeline.seed,
                 pipeline=spec.pipeline,
                 upstream=spec.upstream,
+                providers=spec.providers,
                 outputs=stage_dir.new_outputs(),
                 work=stage_dir.work,
                 run_id=run_id,

@@ -16,27 +16,26 @@ import json
 import statistics
 
 import mlflow
-from prefect import task
-from prefect.cache_policies import NONE
 
 from rlhf import evaluation, generation, models, plots, registry
-from rlhf.config import EvaluateStage
+from rlhf.stages.evaluate.config import EvaluateStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits
-from rlhf.stages import StageContext, StageRecord, StageResult, StageSpec, run_stage
+from rlhf.lifecycle import StageContext, StageResult
+from rlhf.stages.policies import reward_model, starting_policy
 
 ROLES = ("baseline", "candidate")
 
 
 def evaluate_policies(ctx: StageContext) -> StageResult:
     config: EvaluateStage = ctx.config
-    held_out = list(load_splits(ctx.upstream["data"] / "prompts")["eval"]["prompt"])
+    held_out = list(load_splits(ctx.input("data") / "prompts")["eval"]["prompt"])
     prompts = [held_out[i % len(held_out)] for i in range(config.prompts)]
     gold_reward = ctx.gold()
     gold = gold_reward is not None
-    start = ctx.starting_policy(config.candidate)
+    start = starting_policy(ctx, config.candidate)
     tokenizer = models.load_tokenizer(start)
-    reward_dir = ctx.reward_model(config.candidate)
+    reward_dir = reward_model(ctx, config.candidate)
     reward_model, reward_tokenizer = models.load_reward_model(reward_dir), models.load_tokenizer(reward_dir)
     mlflow.set_tags({"rlhf.candidate": config.candidate, "rlhf.baseline": config.baseline})
 
@@ -118,11 +117,7 @@ def _log_plots(ctx: StageContext, results: dict, gold: bool) -> None:
     if gold:
         golds = {name: result["gold"] for name, result in results.items()}
         mlflow.log_figure(plots.distributions(golds, "gold reward"), "plots/gold_distribution.png")
-    if "reward" in ctx.upstream:
-        reward = json.loads((ctx.upstream["reward"].parent / "manifest.json").read_text())["metrics"]
+    if ctx.input("reward_model") is not None:
+        reward = json.loads((ctx.input("reward_model").parent / "manifest.json").read_text())["metrics"]
         mlflow.log_figure(plots.accuracy_bars(reward["eval_accuracy_before"], reward["eval_accuracy"]), "plots/reward_accuracy.png")
 
-
-@task(name="evaluate", cache_policy=NONE, persist_result=False)
-def evaluate(spec: StageSpec) -> StageRecord:
-    return run_stage(spec, evaluate_policies)

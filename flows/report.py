@@ -9,11 +9,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from rlhf.stages import StageRecord
+from rlhf.graph import GRAPH
+from rlhf.lifecycle import StageRecord
 
 
 def _evaluation(records: list[StageRecord]) -> dict:
-    found = [r for r in records if r.stage == "evaluate"]
+    found = [r for r in records if "evaluation" in GRAPH[r.stage].provides]
     return json.loads((found[0].outputs / "evaluation.json").read_text()) if found else {}
 
 

@@ -1,3 +1,0 @@
-from rlhf.cli import main
-
-main()

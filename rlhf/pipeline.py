@@ -1,0 +1,152 @@
+"""The schema of `pipelines.yaml`: pipelines, their schedule, tracking and `ray` block, and `stages:`, whose
+blocks are those of the stage graph (`rlhf/graph.py`).
+
+Every model forbids unknown keys, so a typo is an error that names its dotted
+path and the keys allowed there instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from datetime import datetime
+from typing import Optional
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
+from pydantic import Field, create_model, field_validator, model_validator
+
+from rlhf.blocks import StageConfig, Strict
+from rlhf.cluster import RayConfig
+from rlhf.graph import GRAPH, Stage, order, providers
+
+
+class Tracking(Strict):
+    experiment: str
+
+
+class Schedule(Strict):
+    """When scheduled runs start (`rlhf serve`, infra/prefect.yaml): a cron expression or an interval."""
+
+    cron: str | None = Field(None, description="e.g. '0 3 * * *': daily at 03:00 in `timezone`")
+    interval: int | None = Field(None, gt=0, description="seconds between runs")
+    timezone: str = "UTC"
+    overrides: list[str] = Field([], description="`--set KEY=VALUE` overrides for the scheduled runs")
+    active: bool = True
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_parses(cls, cron: str | None) -> str | None:
+        if cron is not None:
+            try:
+                CronSim(cron, datetime.now())
+            except CronSimError as exc:
+                raise ValueError(f"not a cron expression: {exc}") from None
+        return cron
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, timezone: str) -> str:
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not an IANA time zone such as 'UTC' or 'Europe/Berlin'") from None
+        return timezone
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Schedule:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("give exactly one of 'cron' and 'interval'")
+        return self
+
+
+class Stages(Strict):
+    """`stages:`. Its fields, one per stage of the graph, are added by `schema()`."""
+
+    def declared(self) -> list[str]:
+        """The stages this pipeline has, in the graph's declaration order."""
+        return [name for name in GRAPH if getattr(self, name, None) is not None]
+
+    def block(self, stage: str) -> StageConfig:
+        return getattr(self, stage)
+
+    def present(self) -> list[str]:
+        """The stages this pipeline has, in the order they run: each after every stage it reads."""
+        declared = self.declared()
+        return order(set(declared), {name: self._reads(name) for name in declared})
+
+    def providers(self, stage: str) -> dict[str, str]:
+        """What `stage` needs (data, policy, reward_model) -> the stage of this pipeline that provides it."""
+        return providers(self.declared(), stage)
+
+    def provider(self, need: str, stage: str) -> str | None:
+        return self.providers(stage).get(need)
+
+    def given(self, need: str, stage: str) -> StageConfig | None:
+        """The block of the stage that provides `need` to `stage`."""
+        provider = self.provider(need, stage)
+        return None if provider is None else self.block(provider)
+
+    def providing(self, kind: str) -> list[str]:
+        return [name for name in self.declared() if kind in GRAPH[name].provides]
+
+    def tuned(self) -> list[str]:
+        """The policies this pipeline tunes from another policy (ppo, dpo, ...)."""
+        return [name for name in self.providing("policy") if "policy" in GRAPH[name].needs]
+
+    def reads(self, stage: str) -> list[str]:
+        """The stages of this pipeline whose outputs `stage` reads, in run order."""
+        wanted = self._reads(stage)
+        return [name for name in self.present() if name in wanted]
+
+    def _reads(self, stage: str) -> tuple[str, ...]:
+        return tuple(self.providers(stage).values()) + self.block(stage).also_reads()
+
+
+class Pipeline(Strict):
+    description: str = ""
+    tracking: Tracking
+    seed: int = 0
+    schedule: Schedule | None = None
+    ray: RayConfig = RayConfig()
+    stages: Stages
+
+    @model_validator(mode="after")
+    def _stages_agree(self) -> Pipeline:
+        for name in self.stages.declared():
+            getattr(self.stages, name).check(name, self)
+        return self
+
+    def runs_on_ray(self, stage: str) -> bool:
+        return GRAPH[stage].trains and self.ray.trains_on_ray()
+
+    def fingerprint(self) -> str:
+        """Hash of the whole resolved pipeline config, tagged on its MLflow runs."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class PipelinesFile(Strict):
+    default: str
+    pipelines: dict[str, Pipeline]
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> PipelinesFile:
+        if self.default not in self.pipelines:
+            raise ValueError(f"default pipeline {self.default!r} is not defined")
+        return self
+
+
+def schema() -> type[PipelinesFile]:
+    """The model of `pipelines.yaml`: `stages:` takes one optional block per stage of the graph (as it is now:
+    a plug-in may declare more)."""
+    return _schema(tuple(GRAPH.values()))
+
+
+@functools.cache
+def _schema(graph: tuple[Stage, ...]) -> type[PipelinesFile]:
+    blocks = {stage.name: (stage.config, ...) if stage.required else (Optional[stage.config], None) for stage in graph}
+    stages = create_model("Stages", __base__=Stages, **blocks)
+    pipeline = create_model("Pipeline", __base__=Pipeline, stages=(stages, ...))
+    return create_model("PipelinesFile", __base__=PipelinesFile, pipelines=(dict[str, pipeline], ...))

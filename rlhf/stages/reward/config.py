@@ -1,0 +1,55 @@
+"""The reward stage's block, and the pair sources it shares with DPO."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field
+
+from rlhf.blocks import Lora, ModelSource, Strict
+from rlhf.trainer_args import Training
+
+class SampledPairs(Strict):
+    """Two samples per prompt from the starting policy (the SFT model, else the stage's own), held-out pairs
+    from held-out prompts."""
+
+    source: Literal["policy"]
+    count: int = Field(3000, ge=2, description="training pairs")
+    eval_count: int = Field(300, ge=2, description="held-out pairs, from held-out prompts")
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, ge=1, description="responses generated at once (a small model samples faster in bigger batches)")
+
+
+class PolicyPairs(SampledPairs):
+    """Sampled pairs ordered by the task's gold reward (reward-model training)."""
+
+    min_gold_gap: float = Field(0.25, ge=0, description="pairs whose gold rewards differ less are dropped")
+
+
+class DataPairs(Strict):
+    """The preference pairs of the data stage."""
+
+    source: Literal["data"]
+
+
+class RewardStage(Training):
+    """A scalar-head reward model trained on preference pairs with TRL's RewardTrainer."""
+
+    _trl_config = "RewardConfig"
+    model: ModelSource | None = Field(None, description="null: the SFT stage's model")
+    lora: Lora | None = None
+    pairs: Annotated[Union[PolicyPairs, DataPairs], Field(discriminator="source")]
+
+    def starts_from_policy(self) -> bool:
+        return self.model is None
+
+    def check(self, name: str, pipeline: Pipeline) -> None:
+        super().check(name, pipeline)
+        stages = pipeline.stages
+        if stages.provider("policy", name) is None and self.model is None:
+            raise ValueError(f"stages.{name}.model is required when no stage of the pipeline provides a policy")
+        if isinstance(self.pairs, PolicyPairs) and stages.given("data", name).gold() is None:
+            raise ValueError(
+                f"stages.{name}.pairs.source 'policy' labels samples with a gold reward: set stages.data.gold_reward or use 'data'"
+            )

@@ -1,0 +1,140 @@
+"""The blocks of the RL stages: PPO, GRPO, RLOO and REINFORCE++, one engine (`rlhf/ppo/`) and its
+registered estimators (`rlhf/ppo/methods.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal, Union
+
+from pydantic import Field
+
+from rlhf.blocks import Lora, Precision, PretrainedModel, StageConfig, Strict, given_reward_model
+
+class KLPenalty(Strict):
+    """The KL coefficient beta: fixed, or adaptive towards `target` (nats per sequence)."""
+
+    beta: float = Field(0.05, ge=0)
+    target: float | None = Field(6.0, gt=0, description="null keeps beta fixed")
+    horizon: int = Field(10000, ge=1)
+    estimator: Literal["k1", "k3"] = "k1"
+    in_loss: bool = Field(False, description="a KL term in the loss (GRPO's way) instead of a penalty in the reward")
+
+
+LossAggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+
+
+class RlStage(StageConfig):
+    """What the RL stages share: a LoRA policy on the SFT model (or `policy`), trained on Ray Train against
+    the reward model with the clipped surrogate loss; they differ in how they turn scores into advantages
+    (`estimator`, registered in `rlhf/ppo/methods.py`). Dropout is off in every model (LoRA's too), so the
+    log-probs of the rollout and of the first update agree."""
+
+    has_critic: ClassVar[bool] = False
+    estimator: str
+    policy_loss: Literal["clip"] = Field("clip", description="the per-token policy loss: clip, PPO's clipped surrogate")
+    loss_aggregation: LossAggregation = Field(
+        "token_mean",
+        description="how per-token losses become one: token_mean (every token of the minibatch alike, DAPO), "
+        "seq_mean_token_mean (each response's mean, then their mean: GRPO as published), seq_mean_token_sum_norm "
+        "(each response's sum over max_new_tokens: Dr. GRPO)",
+    )
+    policy: PretrainedModel | None = Field(None, description="the starting policy when the pipeline has no sft stage")
+    reward_model: Path | None = Field(
+        None, description="a trained reward model (directory with its tokenizer) when the pipeline has no reward stage"
+    )
+    iterations: int = Field(80, ge=1)
+    batch_size: int = Field(32, ge=1, description="prompts per iteration, over all workers")
+    samples_per_prompt: int = Field(1, ge=1, description="responses sampled for each prompt")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="prompts longer than this, rendered, are left out")
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    epochs: int = Field(4, ge=1, description="epochs over each rollout batch")
+    minibatches: int = Field(4, ge=1, description="optimiser steps per epoch; each minibatch spans all workers")
+    learning_rate: float = Field(1e-3, gt=0, description="policy (LoRA) learning rate")
+    lora: Lora = Lora()
+    normalisation_samples: int = Field(
+        64, ge=2, description="samples of the starting policy, under these sampling settings, that fix the score mean and std"
+    )
+    precision: Precision = Field(
+        "fp32", description="bf16: the frozen policy and reward model held in bf16, matmuls autocast; LoRA, critic and optimizer state stay fp32"
+    )
+    gradient_checkpointing: bool = False
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="sequences per forward/backward; gradients accumulate over a minibatch (null: all at once)"
+    )
+    kl: KLPenalty = KLPenalty()
+    clip_ratio: float = Field(0.2, gt=0)
+    reward_clip: float | None = Field(5.0, gt=0)
+    missing_eos_penalty: float | None = Field(None, description="score given to responses that hit the length limit")
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(10, ge=1, description="iterations between Ray Train checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    samples_every: int = Field(20, ge=1, description="iterations between sample tables in MLflow")
+    max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
+
+
+    def check(self, name: str, pipeline: Pipeline) -> None:
+        for need in ("policy", "reward_model"):
+            given, provider = getattr(self, need) is not None, pipeline.stages.provider(need, name)
+            if provider is None and not given:
+                raise ValueError(f"stages.{name}.{need} is required when no stage of the pipeline provides a {need.replace('_', ' ')}")
+            if provider is not None and given:
+                raise ValueError(f"stages.{name}.{need}: the {provider} stage provides it; remove one of the two")
+        workers = pipeline.ray.num_workers
+        if self.batch_size % (workers * self.minibatches):
+            raise ValueError(
+                f"stages.{name}.batch_size ({self.batch_size}) must be a multiple of ray.num_workers x stages.{name}.minibatches "
+                f"({workers} x {self.minibatches}): every worker takes an equal shard of each batch and splits it into "
+                "equal minibatches"
+            )
+
+    def starts_from_policy(self) -> bool:
+        return True
+
+    def external_inputs(self) -> dict[str, str]:
+        return given_reward_model(self.reward_model)
+
+
+class PpoStage(RlStage):
+    """PPO: per-token rewards (the score at the end, a KL penalty at every token) and GAE advantages
+    from a critic that starts as a copy of the reward model, whitened over the batch."""
+
+    has_critic: ClassVar[bool] = True
+    estimator: Literal["gae"] = "gae"
+    critic_learning_rate: float = Field(1e-3, gt=0)
+    critic_lora: Lora | Literal["auto"] | None = Field(
+        "auto", description="null trains the critic fully; auto: LoRA r16 on a pretrained base, full on a scratch one"
+    )
+    clip_value: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+
+
+class GroupStage(RlStage):
+    samples_per_prompt: int = Field(4, ge=2, description="responses sampled for each prompt, compared with each other")
+
+
+class GrpoStage(GroupStage):
+    """GRPO (Shao et al. 2024): no critic; each response's advantage is its reward normalised within the
+    responses to the same prompt; the KL to the reference is a loss term (k3)."""
+
+    estimator: Literal["grpo"] = "grpo"
+    kl: KLPenalty = KLPenalty(beta=0.04, target=None, estimator="k3", in_loss=True)
+
+
+class RlooStage(GroupStage):
+    """RLOO (Ahmadian et al. 2024): no critic; each response's reward, the KL penalty included, minus the
+    mean reward of the other responses to the same prompt."""
+
+    estimator: Literal["rloo"] = "rloo"
+
+
+class ReinforceStage(RlStage):
+    """REINFORCE++ (Hu 2025): no critic; per-token rewards as PPO's, returns-to-go whitened over the whole
+    batch as advantages."""
+
+    estimator: Literal["reinforce++"] = "reinforce++"
+    gamma: float = Field(1.0, ge=0, le=1, description="discount of the per-token rewards in the returns-to-go")
+
+
+RlConfig = Annotated[Union[PpoStage, GrpoStage, RlooStage, ReinforceStage], Field(discriminator="estimator")]
