@@ -84,10 +84,12 @@ def _config(config: Path | None) -> Path:
 
 
 def _check_given_models(config: Path, name: str, pipeline) -> None:
-    """Digest what the stages after `data` read from outside the store (a given reward model): a bad path is
-    named by file and dotted key now, not as a bare `reward_model:` after the stages before it have run."""
-    for stage in pipeline.stages.present()[1:]:  # the data files: read row by row by `validate` and the data stage
-        block = getattr(pipeline.stages, stage)
+    """Digest what the stages read from outside the store (a given reward model): a bad path is named by file
+    and dotted key now, not as a bare `reward_model:` after the stages before it have run. The data files are
+    read row by row by `validate` and by the stage that provides the data."""
+    data = pipeline.stages.providing("data")
+    for stage in [stage for stage in pipeline.stages.present() if stage not in data]:
+        block = pipeline.stages.block(stage)
         try:
             block.external_inputs()
         except InputError as exc:
@@ -221,8 +223,8 @@ def validate(config: ConfigOption = None) -> None:
     checked = set()
     for name, pipeline in parsed.pipelines.items():
         _check_given_models(path, name, pipeline)  # the data files are read in full below
-        for role in CONVERTERS:
-            source = getattr(pipeline.stages.data, role)
+        sources = [(role, getattr(pipeline.stages.block(stage), role)) for stage in pipeline.stages.providing("data") for role in CONVERTERS]
+        for role, source in sources:
             if not isinstance(source, FileSource) or (role, describe(source)) in checked:
                 continue
             checked.add((role, describe(source)))

@@ -19,7 +19,7 @@ from rlhf.stages.data.config import DataStage
 from rlhf.stages.dpo.config import DpoStage
 from rlhf.stages.evaluate.config import EvaluateStage
 from rlhf.stages.reward.config import RewardStage
-from rlhf.stages.rl.config import GrpoStage, PpoStage, ReinforceStage, RlooStage
+from rlhf.stages.rl.config import METHODS
 from rlhf.stages.sft.config import SftStage
 
 
@@ -73,7 +73,7 @@ declare(
           trains=True),
     *(Stage(name, config, "rlhf.stages.rl.recipe:train_rl", needs=("data", "policy", "reward_model"), provides=("policy",),
             trains=True)
-      for name, config in (("ppo", PpoStage), ("grpo", GrpoStage), ("rloo", RlooStage), ("reinforce", ReinforceStage))),
+      for name, config in METHODS.items()),
     Stage("dpo", DpoStage, "rlhf.stages.dpo.recipe:train_dpo", needs=("data", "policy", "reward_model"), provides=("policy",),
           trains=True),
     Stage("evaluate", EvaluateStage, "rlhf.stages.evaluate.recipe:evaluate_policies", needs=("data", "policy", "reward_model"),

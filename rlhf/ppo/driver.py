@@ -18,7 +18,7 @@ def run(
     """Train; returns the directory of the final checkpoint (adapter, critic, normalisation, state, history)."""
     config = {
         "stage": stage,
-        "rl": rl.model_dump(mode="json"),
+        "rl": rl,  # the block itself: Ray pickles it by its class, which the workers import
         "seed": seed,
         "threads": cluster.cpus_per_worker,
         "policy_model": str(policy_model),

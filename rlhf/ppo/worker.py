@@ -27,11 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import TypeAdapter
 
 from rlhf import generation, gold, models, progress
 from rlhf.blocks import Lora
-from rlhf.stages.rl.config import RlConfig
 from rlhf.data.formats import text_of
 from rlhf.errors import InputError
 from rlhf.ppo import algorithm as A
@@ -44,7 +42,7 @@ from rlhf.seeding import seed_everything
 
 
 def train_loop(config: dict, session) -> None:
-    """One worker's loop (`rlhf/session.py` says where); `config` holds only plain values (paths, ids, the stage block)."""
+    """One worker's loop (`rlhf/session.py` says where); `config` holds paths, ids and the stage's block."""
     setup_started = time.monotonic()
     run = _Run(config, session)
     finished = time.monotonic()
@@ -75,7 +73,7 @@ class _Run:
         self.session, self.stage, self.seed = session, config["stage"], config["seed"]
         self.rank, self.world, self.device = session.rank, session.world, session.device
         session.say(f"{self.stage}: worker {self.rank} of {self.world} {session.place} ({self.device})")
-        self.rl = rl = TypeAdapter(RlConfig).validate_python(config["rl"])
+        self.rl = rl = config["rl"]
         torch.set_num_threads(config["threads"])
         seed_everything(self.seed)  # the same LoRA initialisation on every worker, as data parallelism needs
         critic_lora = Lora.model_validate(config["critic_lora"]) if config["critic_lora"] else None

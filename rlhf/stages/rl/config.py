@@ -1,14 +1,30 @@
-"""The blocks of the RL stages: PPO, GRPO, RLOO and REINFORCE++, one engine (`rlhf/ppo/`) and its
-registered estimators (`rlhf/ppo/methods.py`)."""
+"""The blocks of the RL stages: PPO, GRPO, RLOO, REINFORCE++, one engine (`rlhf/ppo/`) and its registered
+estimators (`rlhf/ppo/methods.py`).
+
+A new RL method is an estimator registered there, its block here (a `@method` that names its stage) and
+its block in `pipelines.yaml`: the stage graph declares every method of `METHODS`, run by this room's recipe.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from rlhf.blocks import Lora, Precision, PretrainedModel, StageConfig, Strict, given_reward_model
+
+METHODS: dict[str, type[RlStage]] = {}  # stage name -> its block
+
+
+def method(stage: str):
+    """Declare an RL method: its block becomes the stage `stage`."""
+    def declare(config: type[RlStage]) -> type[RlStage]:
+        METHODS[stage] = config
+        return config
+
+    return declare
+
 
 class KLPenalty(Strict):
     """The KL coefficient beta: fixed, or adaptive towards `target` (nats per sequence)."""
@@ -95,6 +111,7 @@ class RlStage(StageConfig):
         return given_reward_model(self.reward_model)
 
 
+@method("ppo")
 class PpoStage(RlStage):
     """PPO: per-token rewards (the score at the end, a KL penalty at every token) and GAE advantages
     from a critic that starts as a copy of the reward model, whitened over the batch."""
@@ -114,6 +131,7 @@ class GroupStage(RlStage):
     samples_per_prompt: int = Field(4, ge=2, description="responses sampled for each prompt, compared with each other")
 
 
+@method("grpo")
 class GrpoStage(GroupStage):
     """GRPO (Shao et al. 2024): no critic; each response's advantage is its reward normalised within the
     responses to the same prompt; the KL to the reference is a loss term (k3)."""
@@ -122,6 +140,7 @@ class GrpoStage(GroupStage):
     kl: KLPenalty = KLPenalty(beta=0.04, target=None, estimator="k3", in_loss=True)
 
 
+@method("rloo")
 class RlooStage(GroupStage):
     """RLOO (Ahmadian et al. 2024): no critic; each response's reward, the KL penalty included, minus the
     mean reward of the other responses to the same prompt."""
@@ -129,12 +148,10 @@ class RlooStage(GroupStage):
     estimator: Literal["rloo"] = "rloo"
 
 
+@method("reinforce")
 class ReinforceStage(RlStage):
     """REINFORCE++ (Hu 2025): no critic; per-token rewards as PPO's, returns-to-go whitened over the whole
     batch as advantages."""
 
     estimator: Literal["reinforce++"] = "reinforce++"
     gamma: float = Field(1.0, ge=0, le=1, description="discount of the per-token rewards in the returns-to-go")
-
-
-RlConfig = Annotated[Union[PpoStage, GrpoStage, RlooStage, ReinforceStage], Field(discriminator="estimator")]
