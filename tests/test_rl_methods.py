@@ -45,6 +45,17 @@ def test_rloo_subtracts_the_mean_of_the_other_samples():
     assert three[:, 0].tolist() == pytest.approx([0.0, -4.5, 4.5])
 
 
+def test_dr_grpo_subtracts_the_group_mean_without_dividing_by_its_std():
+    from rlhf.stages.rl.config import DrGrpoStage
+
+    signals = _signals([1.0, 2.0, 6.0, 10.0, 10.0, 10.0], DrGrpoStage(samples_per_prompt=3))
+    advantages, returns = ESTIMATORS["dr_grpo"](signals)
+    # group 1: mean 3; group 2: all equal, no signal
+    assert advantages[:, 0].tolist() == pytest.approx([-2.0, -1.0, 3.0, 0.0, 0.0, 0.0]) and returns is None
+    assert torch.equal(advantages[:, 0], advantages[:, 1])  # the same advantage on every token
+    assert DrGrpoStage().loss_aggregation == "seq_mean_token_sum_norm" and not DrGrpoStage.has_critic
+
+
 def test_reinforce_plus_plus_discounts_with_its_gamma_then_whitens_over_the_batch():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     rollout = rollouts.Rollout(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros_like(mask), mask, torch.ones(2, dtype=torch.bool),

@@ -76,6 +76,14 @@ def rloo(s: Signals):
     return _per_response(groups - (groups.sum(-1, keepdim=True) - groups) / (s.rl.samples_per_prompt - 1), s)
 
 
+@register_estimator("dr_grpo")
+def dr_grpo(s: Signals):
+    """Dr. GRPO (Liu et al. 2025): r minus the group mean; without GRPO's division by the group's std, prompts
+    whose responses all score alike are not weighed up."""
+    groups = s.sequence_rewards().view(-1, s.rl.samples_per_prompt)
+    return _per_response(groups - groups.mean(-1, keepdim=True), s)
+
+
 # ---------------------------------------------------------------- policy losses
 
 

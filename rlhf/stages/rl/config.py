@@ -140,6 +140,17 @@ class GrpoStage(GroupStage):
     kl: KLPenalty = KLPenalty(beta=0.04, target=None, estimator="k3", in_loss=True)
 
 
+@method("drgrpo")
+class DrGrpoStage(GroupStage):
+    """Dr. GRPO (Liu et al. 2025): GRPO without its two biases. The advantage is the reward minus the group mean
+    (no division by the group's std), and each response's loss is its token sum over a constant, max_new_tokens
+    (no division by its own length), so neither a prompt's difficulty nor a response's length reweighs it."""
+
+    estimator: Literal["dr_grpo"] = "dr_grpo"
+    loss_aggregation: LossAggregation = Field("seq_mean_token_sum_norm", description=RlStage.model_fields["loss_aggregation"].description)
+    kl: KLPenalty = KLPenalty(beta=0.04, target=None, estimator="k3", in_loss=True)
+
+
 @method("rloo")
 class RlooStage(GroupStage):
     """RLOO (Ahmadian et al. 2024): no critic; each response's reward, the KL penalty included, minus the
