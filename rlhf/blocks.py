@@ -49,7 +49,7 @@ class StageConfig(Strict):
 class SyntheticReviewsSource(Strict):
     """The demo task: seeded product reviews with a known gold reward."""
 
-    source: Literal["synthetic_reviews"]
+    source: Literal["synthetic_reviews"] = Field(description="synthetic_reviews")
     examples: int = Field(20000, ge=10, description="instruction examples to generate")
     positive_share: float = Field(0.25, ge=0, le=1, description="share of positive reviews")
 
@@ -57,9 +57,9 @@ class SyntheticReviewsSource(Strict):
 class FileSource(Strict):
     """A local jsonl, json, parquet or csv file."""
 
-    source: Literal["file"]
-    path: Path
-    format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
+    source: Literal["file"] = Field(description="file")
+    path: Path = Field(description="the file, relative to the pipelines file")
+    format: Literal["auto", "jsonl", "json", "parquet", "csv"] = Field("auto", description="auto: from the suffix (.jsonl, .json, .parquet, .csv)")
     on_invalid: Literal["error", "drop"] = Field(
         "error", description="an invalid row stops the stage (error) or is dropped and counted"
     )
@@ -68,12 +68,12 @@ class FileSource(Strict):
 class HubSource(Strict):
     """A data set on the Hugging Face hub, through `datasets.load_dataset`."""
 
-    source: Literal["hub"]
-    name: str
-    subset: str | None = None
-    split: str = "train"
-    revision: str | None = None
-    on_invalid: Literal["error", "drop"] = "error"
+    source: Literal["hub"] = Field(description="hub")
+    name: str = Field(description="the data set's hub id, e.g. Anthropic/hh-rlhf")
+    subset: str | None = Field(None, description="the data set's configuration, if it has several")
+    split: str = Field("train", description="the split to read")
+    revision: str | None = Field(None, description="a branch, tag or commit of the data set (null: the newest)")
+    on_invalid: Literal["error", "drop"] = Field("error", description="an invalid row stops the stage (error) or is dropped and counted")
 
 
 InstructionSource = Annotated[
@@ -88,23 +88,23 @@ PreferenceSource = Annotated[Union[FileSource, HubSource], Field(discriminator="
 class ScratchModel(Strict):
     """A byte-level BPE tokenizer trained on the stage's text and a Llama-style model from random weights."""
 
-    init: Literal["scratch"]
-    vocab_size: int = Field(1024, ge=300)
-    hidden_size: int = Field(128, ge=8)
-    layers: int = Field(4, ge=1)
-    heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(512, ge=8)
-    max_positions: int = Field(256, ge=16)
+    init: Literal["scratch"] = Field(description="scratch")
+    vocab_size: int = Field(1024, ge=300, description="the BPE tokenizer's vocabulary, trained on the stage's text")
+    hidden_size: int = Field(128, ge=8, description="width of the Llama-style model")
+    layers: int = Field(4, ge=1, description="transformer layers")
+    heads: int = Field(4, ge=1, description="attention heads (key-value heads alike)")
+    intermediate_size: int = Field(512, ge=8, description="width of each MLP")
+    max_positions: int = Field(256, ge=16, description="longest sequence, in tokens")
 
 
 class PretrainedModel(Strict):
     """A model from a local directory, a hub id (`HF_HUB_OFFLINE` respected) or a folder inside a Python package."""
 
-    init: Literal["pretrained"]
+    init: Literal["pretrained"] = Field(description="pretrained")
     path: str = Field(description="a directory, a hub id, or `package:NAME` for the folder of an installed package")
     gguf_file: str | None = Field(None, description="a GGUF file in `path`, dequantised once and cached under the home")
-    revision: str | None = None
-    trust_remote_code: bool = False
+    revision: str | None = Field(None, description="a branch, tag or commit of a hub model (null: the newest)")
+    trust_remote_code: bool = Field(False, description="run the model's own code from the hub; only for models you trust")
     pickled_weights: bool = Field(False, description="also load *.bin weights (torch pickles, which can run code); safetensors only by default")
 
 
@@ -112,31 +112,31 @@ ModelSource = Annotated[Union[ScratchModel, PretrainedModel], Field(discriminato
 
 
 class Lora(Strict):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    r: int = Field(16, ge=1, description="the rank of the low-rank update")
+    alpha: int = Field(32, ge=1, description="its scale: the update is multiplied by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input while training (RL stages turn it off)")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="the layers adapted: all-linear, or a list of module names such as [q_proj, v_proj]")
 
 
 class LoraAdapter(Lora):
     """LoRA (Hu et al. 2021): low-rank updates to the weights, merged into the model after training."""
 
-    type: Literal["lora"]
+    type: Literal["lora"] = Field(description="lora")
 
 
 class PromptTuning(Strict):
     """Prompt tuning (Lester et al. 2021): trained embeddings of virtual tokens before the input."""
 
-    type: Literal["prompt_tuning"]
-    virtual_tokens: int = Field(20, ge=1)
+    type: Literal["prompt_tuning"] = Field(description="prompt_tuning")
+    virtual_tokens: int = Field(20, ge=1, description="trained embeddings put before the input")
     init_text: str | None = Field(None, description="start the virtual tokens from this text's embeddings (else random)")
 
 
 class PrefixTuning(Strict):
     """Prefix tuning (Li and Liang 2021): trained keys and values of virtual tokens at every layer."""
 
-    type: Literal["prefix_tuning"]
-    virtual_tokens: int = Field(20, ge=1)
+    type: Literal["prefix_tuning"] = Field(description="prefix_tuning")
+    virtual_tokens: int = Field(20, ge=1, description="trained keys and values at every layer")
     projection: bool = Field(False, description="reparameterise the prefix through a two-layer MLP while training")
     projection_hidden_size: int | None = Field(None, ge=1, description="the MLP's width; null: the model's hidden size")
 
@@ -144,9 +144,9 @@ class PrefixTuning(Strict):
 class PTuning(Strict):
     """P-tuning (Liu et al. 2021): virtual token embeddings produced by a small trained encoder."""
 
-    type: Literal["p_tuning"]
-    virtual_tokens: int = Field(20, ge=1)
-    encoder: Literal["MLP", "LSTM"] = "MLP"
+    type: Literal["p_tuning"] = Field(description="p_tuning")
+    virtual_tokens: int = Field(20, ge=1, description="virtual tokens the encoder produces")
+    encoder: Literal["MLP", "LSTM"] = Field("MLP", description="the encoder that produces them: MLP or LSTM")
     encoder_hidden_size: int | None = Field(None, ge=1, description="null: the model's hidden size")
 
 

@@ -27,10 +27,10 @@ REMEDY = "lower ray.num_workers or ray.cpus_per_worker, or point ray.address (RA
 class RayConfig(Strict):
     """Where PPO runs: a local cluster by default, `address` (or RAY_ADDRESS) for an existing one."""
 
-    address: str | None = None
-    num_workers: int = Field(2, ge=1)
+    address: str | None = Field(None, description="an existing Ray cluster (ray://..., or host:port); null: RAY_ADDRESS, else a local cluster")
+    num_workers: int = Field(2, ge=1, description="data-parallel workers of each training stage; 1 CPU worker trains in this process")
     cpus_per_worker: int = Field(1, ge=1, description="also the torch threads of each worker")
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="one GPU per worker (nccl), else CPUs (gloo)")
     wait_seconds: int = Field(
         600, ge=0, description="how long an existing (or autoscaling) cluster may take to have room for the workers"
     )

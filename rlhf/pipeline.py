@@ -23,7 +23,7 @@ from rlhf.graph import GRAPH, Stage, order, providers
 
 
 class Tracking(Strict):
-    experiment: str
+    experiment: str = Field(description="the MLflow experiment of the pipeline's runs")
 
 
 class Schedule(Strict):
@@ -31,9 +31,9 @@ class Schedule(Strict):
 
     cron: str | None = Field(None, description="e.g. '0 3 * * *': daily at 03:00 in `timezone`")
     interval: int | None = Field(None, gt=0, description="seconds between runs")
-    timezone: str = "UTC"
+    timezone: str = Field("UTC", description="the IANA time zone of `cron`, e.g. Europe/Berlin")
     overrides: list[str] = Field([], description="`--set KEY=VALUE` overrides for the scheduled runs")
-    active: bool = True
+    active: bool = Field(True, description="false registers the schedule paused")
 
     @field_validator("cron")
     @classmethod
@@ -105,12 +105,12 @@ class Stages(Strict):
 
 
 class Pipeline(Strict):
-    description: str = ""
-    tracking: Tracking
-    seed: int = 0
-    schedule: Schedule | None = None
-    ray: RayConfig = RayConfig()
-    stages: Stages
+    description: str = Field("", description="what the pipeline is for, shown by `rlhf list` and on its scheduled deployment")
+    tracking: Tracking = Field(description="where its runs are tracked in MLflow")
+    seed: int = Field(0, description="the seed of every stage: same seed and config, same numbers")
+    schedule: Schedule | None = Field(None, description="scheduled runs served by `rlhf serve` (needs a Prefect server); null: none")
+    ray: RayConfig = Field(RayConfig(), description="where the training stages run")
+    stages: Stages = Field(description="the pipeline's stages, one block each; data is required")
 
     @model_validator(mode="after")
     def _stages_agree(self) -> Pipeline:
@@ -128,8 +128,8 @@ class Pipeline(Strict):
 
 
 class PipelinesFile(Strict):
-    default: str
-    pipelines: dict[str, Pipeline]
+    default: str = Field(description="the pipeline `rlhf run` runs when given none")
+    pipelines: dict[str, Pipeline] = Field(description="pipelines by name")
 
     @model_validator(mode="after")
     def _default_exists(self) -> PipelinesFile:
@@ -146,7 +146,14 @@ def schema() -> type[PipelinesFile]:
 
 @functools.cache
 def _schema(graph: tuple[Stage, ...]) -> type[PipelinesFile]:
-    blocks = {stage.name: (stage.config, ...) if stage.required else (Optional[stage.config], None) for stage in graph}
+    blocks = {stage.name: (stage.config if stage.required else Optional[stage.config], Field(... if stage.required else None,
+                                                                                             description=_summary(stage)))
+              for stage in graph}
     stages = create_model("Stages", __base__=Stages, **blocks)
-    pipeline = create_model("Pipeline", __base__=Pipeline, stages=(stages, ...))
-    return create_model("PipelinesFile", __base__=PipelinesFile, pipelines=(dict[str, pipeline], ...))
+    pipeline = create_model("Pipeline", __base__=Pipeline, stages=(stages, Pipeline.model_fields["stages"]))
+    return create_model("PipelinesFile", __base__=PipelinesFile, pipelines=(dict[str, pipeline], PipelinesFile.model_fields["pipelines"]))
+
+
+def _summary(stage: Stage) -> str:
+    """A stage block's description: the first paragraph of its docstring."""
+    return " ".join((stage.config.__doc__ or stage.name).split("\n\n")[0].split())

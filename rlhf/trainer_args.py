@@ -23,21 +23,21 @@ class Training(StageConfig):
 
     _trl_config: ClassVar[str]  # the TRL config class `trainer_args` must fit
 
-    learning_rate: float = Field(gt=0)
-    batch_size: int = Field(32, ge=1)
-    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(gt=0, description="the optimiser's peak learning rate (cosine schedule)")
+    batch_size: int = Field(32, ge=1, description="examples per optimiser step over all workers")
+    epochs: float = Field(1.0, gt=0, description="passes over the training set")
     max_steps: int = Field(-1, description="stop after this many steps; -1 runs all epochs")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the steps that warm the learning rate up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's weight decay")
     max_length: int = Field(128, ge=8, description="tokens per example, prompt included")
-    eval_steps: int = Field(50, ge=1)
+    eval_steps: int = Field(50, ge=1, description="evaluate every N steps")
     eval_rows: int = Field(512, ge=1, description="held-out rows used for each evaluation")
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point)")
-    save_total_limit: int = Field(2, ge=1)
-    logging_steps: int = Field(10, ge=1)
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept on disk")
+    logging_steps: int = Field(10, ge=1, description="log the loss every N steps")
     precision: Precision = Field("fp32", description="bf16: mixed precision (weights, LoRA and optimizer state stay fp32)")
-    gradient_checkpointing: bool = False
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, more time")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="batches accumulated into one step")
     trainer_args: dict[str, Any] = Field({}, description="any other TRL config key, validated by TRL's own class")
 
     @field_validator("trainer_args")

@@ -15,8 +15,8 @@ GoldReward = Literal["synthetic_reviews", "vader_positive"]
 class DataStage(StageConfig):
     """Instruction data for SFT, preference pairs for the reward model, prompts for PPO."""
 
-    instructions: InstructionSource | None = None
-    preferences: PreferenceSource | None = None
+    instructions: InstructionSource | None = Field(None, description="prompt/completion or chat rows for SFT: synthetic_reviews, file or hub")
+    preferences: PreferenceSource | None = Field(None, description="prompt/chosen/rejected or HH-RLHF rows for the reward model: file or hub")
     prompts: PreferenceSource | None = Field(None, description="extra prompts (rows with a `prompt`) for PPO and evaluation")
     gold_reward: GoldReward | None = Field(
         None, description="the task's known truth (rlhf/gold.py); synthetic_reviews data implies synthetic_reviews"

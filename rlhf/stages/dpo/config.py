@@ -26,9 +26,9 @@ class DpoStage(Training):
     reward_model: Path | None = Field(
         None, description="a trained reward model that labels policy pairs when the pipeline has no reward stage"
     )
-    pairs: Annotated[Union[RewardModelPairs, DataPairs], Field(discriminator="source")]
+    pairs: Annotated[Union[RewardModelPairs, DataPairs], Field(discriminator="source", description="policy: sampled from the starting policy and ordered by the reward model; data: the data stage's preferences")]
     beta: float = Field(0.1, gt=0, description="DPO's temperature: how far the policy may move from the reference")
-    adapter: Adapter = LoraAdapter(type="lora")
+    adapter: Adapter = Field(LoraAdapter(type="lora"), description="the policy's adapter: lora, prompt_tuning, prefix_tuning or p_tuning")
     max_new_tokens: int = Field(40, ge=1, description="what the registered policy generates by default")
 
     def check(self, name: str, pipeline: Pipeline) -> None:

@@ -27,9 +27,9 @@ class EvaluateStage(StageConfig):
     baseline: str | None = Field(None, description="a policy stage, or 'start': the model the candidate started from; null: sft when the pipeline has it")
 
     prompts: int = Field(128, ge=1, description="generations per policy, cycling through the held-out prompts")
-    max_new_tokens: int = Field(40, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    hacking: HackingCheck = HackingCheck()
+    max_new_tokens: int = Field(40, ge=1, description="tokens per response, as both policies sample them")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of both policies")
+    hacking: HackingCheck = Field(HackingCheck(), description="when the evaluation warns of reward hacking")
     registry: RegistryGates | None = Field(RegistryGates(), description="null never registers")
 
     def also_reads(self) -> tuple[str, ...]:

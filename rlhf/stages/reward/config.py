@@ -13,11 +13,11 @@ class SampledPairs(Strict):
     """Two samples per prompt from the starting policy (the SFT model, else the stage's own), held-out pairs
     from held-out prompts."""
 
-    source: Literal["policy"]
+    source: Literal["policy"] = Field(description="policy")
     count: int = Field(3000, ge=2, description="training pairs")
     eval_count: int = Field(300, ge=2, description="held-out pairs, from held-out prompts")
-    max_new_tokens: int = Field(40, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(40, ge=1, description="tokens per sampled response")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
     batch_size: int = Field(128, ge=1, description="responses generated at once (a small model samples faster in bigger batches)")
 
 
@@ -30,7 +30,7 @@ class PolicyPairs(SampledPairs):
 class DataPairs(Strict):
     """The preference pairs of the data stage."""
 
-    source: Literal["data"]
+    source: Literal["data"] = Field(description="data")
 
 
 class RewardStage(Training):
@@ -38,8 +38,8 @@ class RewardStage(Training):
 
     _trl_config = "RewardConfig"
     model: ModelSource | None = Field(None, description="null: the SFT stage's model")
-    lora: Lora | None = None
-    pairs: Annotated[Union[PolicyPairs, DataPairs], Field(discriminator="source")]
+    lora: Lora | None = Field(None, description="LoRA on the reward model's base (the score head trains fully); null trains the whole model")
+    pairs: Annotated[Union[PolicyPairs, DataPairs], Field(discriminator="source", description="policy: sampled from the SFT policy and ordered by gold; data: the data stage's preferences")]
 
     def starts_from_policy(self) -> bool:
         return self.model is None

@@ -14,10 +14,10 @@ class SftStage(Training):
     """
 
     _trl_config = "SFTConfig"
-    model: ModelSource
+    model: ModelSource = Field(description="scratch (a tokenizer and model built from the data) or pretrained")
     adapter: Adapter | None = Field(None, description="null trains the whole model; else lora, prompt_tuning, prefix_tuning or p_tuning")
     samples: int = Field(8, ge=0, description="eval prompts to generate for the samples table")
-    max_new_tokens: int = Field(48, ge=1)
+    max_new_tokens: int = Field(48, ge=1, description="tokens per response in the samples table")
 
     @model_validator(mode="after")
     def _scratch_is_full(self) -> SftStage:
