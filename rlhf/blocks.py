@@ -31,7 +31,7 @@ class StageConfig(Strict):
         """Upstream stages the block names itself, beyond those the graph declares."""
         return ()
 
-    def check(self, name: str, pipeline: Pipeline) -> None:
+    def check(self, name: str, pipeline) -> None:
         """Rules that involve other blocks; a ValueError names the dotted key."""
 
     def starts_from_policy(self) -> bool:

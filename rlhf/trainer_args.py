@@ -47,7 +47,7 @@ class Training(StageConfig):
             check_trainer_args(cls._trl_config, extra)
         return extra
 
-    def check(self, name: str, pipeline: Pipeline) -> None:
+    def check(self, name: str, pipeline) -> None:
         workers = pipeline.ray.num_workers
         if self.batch_size % workers:
             raise ValueError(

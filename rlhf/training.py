@@ -7,7 +7,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
 from rlhf import models, progress, stage_log

@@ -31,7 +31,7 @@ class DpoStage(Training):
     adapter: Adapter = Field(LoraAdapter(type="lora"), description="the policy's adapter: lora, prompt_tuning, prefix_tuning or p_tuning")
     max_new_tokens: int = Field(40, ge=1, description="what the registered policy generates by default")
 
-    def check(self, name: str, pipeline: Pipeline) -> None:
+    def check(self, name: str, pipeline) -> None:
         super().check(name, pipeline)
         stages = pipeline.stages
         if (stages.provider("policy", name) is None) == (self.policy is None):

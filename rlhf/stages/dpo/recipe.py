@@ -19,17 +19,17 @@ from pathlib import Path
 import mlflow
 from trl import DPOConfig, DPOTrainer
 
-from rlhf import models, pairs, registry, training, trl_fit
+from rlhf import models, pairs, registry, trainer_args, training, trl_fit
 from rlhf.blocks import LoraAdapter
 from rlhf.stages.dpo.config import DpoStage, RewardModelPairs
 from rlhf.data.prepare import load_splits, write_splits
 from rlhf.lifecycle import StageContext, StageResult
-from rlhf.stages.policies import reward_model, starting_policy
+from rlhf.stages import policies
 
 
 def train_dpo(ctx: StageContext) -> StageResult:
     config: DpoStage = ctx.config
-    start = starting_policy(ctx, ctx.stage)
+    start = policies.starting_policy(ctx, ctx.stage)
     pair_dir = ctx.work / "pairs"  # made once per attempt, so a resumed attempt trains on the same pairs
     if not (pair_dir / "eval.parquet").exists():
         write_splits(_pairs(config, ctx, start), pair_dir)
@@ -68,7 +68,7 @@ def make_trainer(config: dict, seed: int, start: Path, pair_dir: Path, workers: 
     tokenizer = models.load_tokenizer(start)
     trainer = DPOTrainer(
         model=models.load_causal_lm(start),
-        args=DPOConfig(**training.trainer_arguments(config, seed, output_dir, workers, len(data["train"])), beta=config.beta),
+        args=DPOConfig(**trainer_args.trainer_arguments(config, seed, output_dir, workers, len(data["train"])), beta=config.beta),
         train_dataset=data["train"],
         eval_dataset=training.eval_subset(data["eval"], config.eval_rows, seed),
         processing_class=tokenizer,
@@ -82,7 +82,7 @@ def _pairs(config: DpoStage, ctx: StageContext, start: Path) -> dict[str, list[d
     if not isinstance(config.pairs, RewardModelPairs):
         preferences = load_splits(data_dir / "preferences")
         return {split: list(preferences[split]) for split in preferences}
-    reward_dir = reward_model(ctx, ctx.stage)
+    reward_dir = policies.reward_model(ctx, ctx.stage)
     scorer = pairs.reward_model_scorer(models.load_reward_model(reward_dir), models.load_tokenizer(reward_dir))
     return pairs.policy_pairs(
         start, load_splits(data_dir / "prompts"), {"train": config.pairs.count, "eval": config.pairs.eval_count},

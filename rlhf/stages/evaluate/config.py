@@ -35,7 +35,7 @@ class EvaluateStage(StageConfig):
     def also_reads(self) -> tuple[str, ...]:
         return (self.candidate,) + ((self.baseline,) if self.baseline != "start" else ())
 
-    def check(self, name: str, pipeline: Pipeline) -> None:
+    def check(self, name: str, pipeline) -> None:
         stages = pipeline.stages
         policies = stages.providing("policy")
         if self.candidate is None:

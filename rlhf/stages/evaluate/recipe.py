@@ -22,7 +22,7 @@ from rlhf.stages.evaluate.config import EvaluateStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits
 from rlhf.lifecycle import StageContext, StageResult
-from rlhf.stages.policies import reward_model, starting_policy
+from rlhf.stages import policies
 
 ROLES = ("baseline", "candidate")
 
@@ -33,16 +33,16 @@ def evaluate_policies(ctx: StageContext) -> StageResult:
     prompts = [held_out[i % len(held_out)] for i in range(config.prompts)]
     gold_reward = ctx.gold()
     gold = gold_reward is not None
-    start = starting_policy(ctx, config.candidate)
+    start = policies.starting_policy(ctx, config.candidate)
     tokenizer = models.load_tokenizer(start)
-    reward_dir = reward_model(ctx, config.candidate)
+    reward_dir = policies.reward_model(ctx, config.candidate)
     reward_model, reward_tokenizer = models.load_reward_model(reward_dir), models.load_tokenizer(reward_dir)
     mlflow.set_tags({"rlhf.candidate": config.candidate, "rlhf.baseline": config.baseline})
 
     baseline = start if config.baseline == "start" else ctx.upstream[config.baseline] / "model"
-    policies = {"baseline": models.load_causal_lm(baseline), "candidate": models.load_causal_lm(ctx.upstream[config.candidate] / "model")}
+    loaded = {"baseline": models.load_causal_lm(baseline), "candidate": models.load_causal_lm(ctx.upstream[config.candidate] / "model")}
     results = {}
-    for role, policy in policies.items():
+    for role, policy in loaded.items():
         responses, ended = generation.sample(
             policy, tokenizer, prompts, config.max_new_tokens, config.temperature, ctx.seed, phase=f"sampling {role}"
         )
@@ -56,7 +56,7 @@ def evaluate_policies(ctx: StageContext) -> StageResult:
     for result in results.values():
         result["score"] = [(s - mean) / std for s in result.pop("raw")]
     # KL(candidate || baseline), estimated on the candidate's own responses
-    logp = {role: evaluation.sequence_logprobs(policies[role], tokenizer, prompts, results["candidate"]["responses"]) for role in ROLES}
+    logp = {role: evaluation.sequence_logprobs(loaded[role], tokenizer, prompts, results["candidate"]["responses"]) for role in ROLES}
 
     metrics = {"prompts": float(config.prompts), "distinct_held_out_prompts": float(len(held_out))}
     for role, result in results.items():

@@ -44,7 +44,7 @@ class RewardStage(Training):
     def starts_from_policy(self) -> bool:
         return self.model is None
 
-    def check(self, name: str, pipeline: Pipeline) -> None:
+    def check(self, name: str, pipeline) -> None:
         super().check(name, pipeline)
         stages = pipeline.stages
         if stages.provider("policy", name) is None and self.model is None:

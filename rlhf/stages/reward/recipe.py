@@ -16,14 +16,13 @@ from pathlib import Path
 import mlflow
 from trl import RewardConfig, RewardTrainer
 
-from rlhf import generation, models, pairs, training, trl_fit
+from rlhf import generation, models, pairs, trainer_args, training, trl_fit
 from rlhf.stages.reward.config import PolicyPairs, RewardStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits, write_splits
 from rlhf.errors import InputError
 from rlhf.seeding import seed_everything
 from rlhf.lifecycle import StageContext, StageResult
-from rlhf.stages.policies import reward_model
 
 
 def train_reward(ctx: StageContext) -> StageResult:
@@ -74,7 +73,7 @@ def make_trainer(config: dict, seed: int, base: Path, pair_dir: Path, workers: i
     model, tokenizer = models.new_reward_model(base)
     trainer = RewardTrainer(
         model=model,
-        args=RewardConfig(**training.trainer_arguments(config, seed, output_dir, workers, len(data["train"]))),
+        args=RewardConfig(**trainer_args.trainer_arguments(config, seed, output_dir, workers, len(data["train"]))),
         train_dataset=data["train"],
         eval_dataset=training.eval_subset(data["eval"], config.eval_rows, seed),
         processing_class=tokenizer,

@@ -89,7 +89,7 @@ class RlStage(StageConfig):
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
 
 
-    def check(self, name: str, pipeline: Pipeline) -> None:
+    def check(self, name: str, pipeline) -> None:
         for need in ("policy", "reward_model"):
             given, provider = getattr(self, need) is not None, pipeline.stages.provider(need, name)
             if provider is None and not given:

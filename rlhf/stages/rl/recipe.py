@@ -31,14 +31,14 @@ from rlhf.errors import InputError
 from rlhf.generation import render
 from rlhf.ppo import driver
 from rlhf.lifecycle import StageContext, StageResult
-from rlhf.stages.policies import reward_model, starting_policy
+from rlhf.stages import policies
 
 log = logging.getLogger("rlhf")
 
 
 def train_rl(ctx: StageContext) -> StageResult:
     config: RlStage = ctx.config
-    data_dir, start = ctx.input("data"), starting_policy(ctx, ctx.stage)
+    data_dir, start = ctx.input("data"), policies.starting_policy(ctx, ctx.stage)
     gold = ctx.gold_name
 
     final = driver.run(
@@ -47,7 +47,7 @@ def train_rl(ctx: StageContext) -> StageResult:
         storage=ctx.work / "ray",
         seed=ctx.seed,
         policy_model=start,
-        reward_model=reward_model(ctx, ctx.stage),
+        reward_model=policies.reward_model(ctx, ctx.stage),
         critic_lora=_critic_lora(config, ctx),
         prompts=_fitting(list(load_splits(data_dir / "prompts")["train"]["prompt"]), start, config.max_prompt_tokens, ctx.stage),
         gold=gold,

@@ -25,7 +25,7 @@ class SftStage(Training):
             raise ValueError("a scratch model starts from random weights: train it fully (adapter: null)")
         return self
 
-    def check(self, name: str, pipeline: Pipeline) -> None:
+    def check(self, name: str, pipeline) -> None:
         super().check(name, pipeline)
         if self.adapter is None or isinstance(self.adapter, LoraAdapter):
             return

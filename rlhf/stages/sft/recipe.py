@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 from trl import SFTConfig, SFTTrainer
 
-from rlhf import generation, models, training, trl_fit
+from rlhf import generation, models, trainer_args, training, trl_fit
 from rlhf.stages.sft.config import SftStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits
@@ -57,7 +57,7 @@ def make_trainer(config: dict, seed: int, base: Path, data_dir: Path, workers: i
     tokenizer = models.load_tokenizer(base)
     trainer = SFTTrainer(
         model=models.load_causal_lm(base),
-        args=SFTConfig(**training.trainer_arguments(config, seed, output_dir, workers, len(data["train"])), completion_only_loss=True),
+        args=SFTConfig(**trainer_args.trainer_arguments(config, seed, output_dir, workers, len(data["train"])), completion_only_loss=True),
         train_dataset=data["train"],
         eval_dataset=training.eval_subset(data["eval"], config.eval_rows, seed),
         processing_class=tokenizer,
