@@ -21,10 +21,19 @@ from typer.exceptions import TyperException
 
 from rlhf import home as rlhf_home
 from rlhf import stage_log
+from rlhf.blocks import FileSource
+from rlhf.config import load_file, load_pipeline
+from rlhf.data import prepare
+from rlhf.data.formats import CONVERTERS
+from rlhf.data.sources import describe
 from rlhf.errors import InputError, StageFailed
+from rlhf.graph import GRAPH
+
+# Commands import what needs MLflow, Prefect or Ray when they run: `rlhf --help` and shell completion
+# must not wait for them (MLflow alone takes about 5 s to import on 2 cores).
 
 app = typer.Typer(
-    help="Run and inspect RLHF pipelines (data -> SFT -> reward model -> PPO, GRPO, RLOO, REINFORCE++ or DPO -> evaluation).",
+    help="Run and inspect RLHF pipelines (data -> SFT -> reward model -> PPO, GRPO, Dr. GRPO, RLOO, REINFORCE++ or DPO -> evaluation).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -33,8 +42,6 @@ state: dict = {}
 
 
 def _complete_pipelines(incomplete: str) -> list[str]:
-    from rlhf.config import load_file
-
     try:
         names = load_file(rlhf_home.default_config()).pipelines
     except Exception:  # a broken file must not spill a traceback into the shell
@@ -43,8 +50,6 @@ def _complete_pipelines(incomplete: str) -> list[str]:
 
 
 def _complete_stages(incomplete: str) -> list[str]:
-    from rlhf.graph import GRAPH
-
     return [stage for stage in GRAPH if stage.startswith(incomplete)]
 
 
@@ -113,7 +118,6 @@ def run(
 ) -> None:
     """Run a pipeline; completed stages whose inputs did not change are reused."""
     from flows.plan import plan
-    from rlhf.config import load_pipeline
 
     config = _config(config)
     name, parsed = load_pipeline(config, pipeline, overrides or [])  # fail fast, before Prefect starts
@@ -178,7 +182,6 @@ def _number(value: float) -> str:
 @app.command()
 def status(pipeline: PipelineArg = None, overrides: SetOption = None, config: ConfigOption = None) -> None:
     """One row per stage: state, fingerprint, finished at, headline metric, MLflow run id."""
-    from rlhf.config import load_pipeline
     from flows.plan import stage_states
 
     config = _config(config)
@@ -195,8 +198,6 @@ def status(pipeline: PipelineArg = None, overrides: SetOption = None, config: Co
 @app.command("list")
 def list_pipelines(config: ConfigOption = None) -> None:
     """Pipelines and their stages."""
-    from rlhf.config import load_file
-
     parsed = load_file(_config(config))
     for name, pipeline in parsed.pipelines.items():
         marker = " (default)" if name == parsed.default else ""
@@ -212,12 +213,6 @@ def list_pipelines(config: ConfigOption = None) -> None:
 @app.command()
 def validate(config: ConfigOption = None) -> None:
     """Check the pipelines file and every row of the data files it names; starts no server, trains nothing."""
-    from rlhf.blocks import FileSource
-    from rlhf.config import load_file
-    from rlhf.data import prepare
-    from rlhf.data.formats import CONVERTERS
-    from rlhf.data.sources import describe
-
     path = _config(config)
     parsed = load_file(path)
     checked = set()
