@@ -1,7 +1,7 @@
-"""PPO against GRPO, RLOO, REINFORCE++ and DPO on the demo, over seeds: one table.
+"""PPO against GRPO, Dr. GRPO, RLOO, REINFORCE++ and DPO on the demo, over seeds: one table.
 
 For each seed, `rlhf run demo --set seed=S` makes the data, SFT and reward
-stages, then `demo-grpo`, `demo-rloo`, `demo-reinforce` and `demo-dpo` reuse
+stages, then `demo-grpo`, `demo-drgrpo`, `demo-rloo`, `demo-reinforce` and `demo-dpo` reuse
 them (same fingerprints) and train only their own stage and its evaluation.
 The table has, per method, the evaluation's gold gain, KL to the SFT policy
 and reward-model win rate over SFT, and the wall time of the method's stage,
@@ -22,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RLHF = str(Path(sys.executable).parent / "rlhf")
-METHODS = {"ppo": "demo", "grpo": "demo-grpo", "rloo": "demo-rloo", "reinforce": "demo-reinforce", "dpo": "demo-dpo"}
+METHODS = {"ppo": "demo", "grpo": "demo-grpo", "drgrpo": "demo-drgrpo", "rloo": "demo-rloo", "reinforce": "demo-reinforce",
+           "dpo": "demo-dpo"}
 
 
 def run(home: Path, pipeline: str, seed: int) -> None:

@@ -31,7 +31,7 @@ def train_reward(ctx: StageContext) -> StageResult:
     if config.model is None:
         base = ctx.input("policy") / "model"
     else:
-        base = models.provision(config.model, _texts(data_dir), ctx.seed, "stages.reward.model", ctx.work / "base", ctx.home)
+        base = models.provision(config.model, _texts(data_dir), ctx.seed, f"stages.{ctx.stage}.model", ctx.work / "base", ctx.home)
 
     pair_dir = ctx.work / "pairs"  # made once per attempt, so a resumed attempt trains on the same pairs
     if not (pair_dir / "eval.parquet").exists():

@@ -28,7 +28,7 @@ def train_sft(ctx: StageContext) -> StageResult:
     config: SftStage = ctx.config
     data_dir = ctx.input("data")
     texts = (text_of(row["prompt"]) + "\n" + text_of(row["completion"]) for row in _instructions(data_dir)["train"])
-    base = models.provision(config.model, texts, ctx.seed, "stages.sft.model", ctx.work / "base", ctx.home)
+    base = models.provision(config.model, texts, ctx.seed, f"stages.{ctx.stage}.model", ctx.work / "base", ctx.home)
 
     fitted = trl_fit.fit(
         partial(make_trainer, config.model_dump(mode="json"), ctx.seed, base, data_dir, ctx.pipeline.ray.num_workers),
