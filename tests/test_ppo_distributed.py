@@ -72,12 +72,7 @@ def _rank(rank: int, world: int, directory, rollout, rl, rendezvous, results):
 # two minibatches: two steps per epoch, each minibatch a share of every worker's shard
 @pytest.mark.parametrize("minibatches", [
     pytest.param(1, id="1-minibatch"),
-    # ENGINE BUG (found by this test, not fixed here): `update.update` shuffles each worker's own shard with
-    # `torch.randperm(local size)`, so with 2 workers a minibatch is one row of each shard, never the rows
-    # one worker's `randperm(4)` puts together: the steps differ. With the same (identity) order on both
-    # sides they agree to 6e-8. Remove the mark once the minibatches are drawn from the global batch.
-    pytest.param(2, id="2-minibatches", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "engine bug: each worker shuffles its own shard, so minibatches > 1 differ from one worker's"))),
+    pytest.param(2, id="2-minibatches"),
 ])
 def test_two_workers_take_the_single_worker_step(setup, tmp_path, rl, minibatches):
     directory, rollout = setup

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.distributed as dist
 
 from rlhf.stages.rl.config import RlStage
 from rlhf.ppo import algorithm as A
@@ -28,14 +29,7 @@ def update(roles: Roles, optimisers: dict, schedulers: dict, rollout: Rollout, r
     for model in (roles.actor, roles.critic):
         if model is not None:
             model.train()
-    size = rollout.query.shape[0]
-    per_minibatch = size // rl.minibatches
-    per_micro = rl.micro_batch_size or per_minibatch
-    minibatches = [
-        order[start : start + per_minibatch]
-        for order in (torch.randperm(size) for _ in range(rl.epochs))
-        for start in range(0, size, per_minibatch)
-    ]
+    minibatches = _minibatches(rollout.query.shape[0], rl, world, rollout.mask.device)
     aggregation = AGGREGATIONS[rl.loss_aggregation]
     units = aggregation.units(rollout.mask)
     # each minibatch's response tokens, and what its responses count for in the loss, over all workers
@@ -47,7 +41,8 @@ def update(roles: Roles, optimisers: dict, schedulers: dict, rollout: Rollout, r
         for optimiser in optimisers.values():
             optimiser.zero_grad(set_to_none=False)
         step: dict[str, torch.Tensor] = {}
-        for micro in minibatch.split(per_micro):
+        micros = minibatch.split(rl.micro_batch_size or len(minibatch)) if len(minibatch) else ()  # a worker may hold none of its rows
+        for micro in micros:
             shares = (rollout.mask[micro].sum() / minibatch_tokens, units[micro].sum() / minibatch_units)
             for key, value in _micro_step(roles, rollout, micro, shares, aggregation, rl, beta, precision).items():
                 step[key] = step.get(key, 0.0) + value
@@ -65,6 +60,25 @@ def update(roles: Roles, optimisers: dict, schedulers: dict, rollout: Rollout, r
         for key, value in step.items():
             sums[key] = sums.get(key, 0.0) + value.detach().float()
     return {key: value / len(minibatches) for key, value in sums.items()}, sync
+
+
+def _minibatches(size: int, rl: RlStage, world: int, device) -> list[torch.Tensor]:
+    """Each epoch's minibatches, as this worker's rows of them. The order is drawn once for the whole batch, by
+    rank 0 as one worker draws it, and shared: any worker count splits the batch into the minibatches one worker
+    would, each worker taking its own rows of each (prompt j and its samples live on worker j % world)."""
+    total = size * world  # every worker holds an equal shard
+    orders = torch.stack([torch.randperm(total) for _ in range(rl.epochs)]) if _rank(world) == 0 else \
+        torch.zeros(rl.epochs, total, dtype=torch.long)
+    orders = summed(orders.to(device), world).cpu()  # rank 0's orders, on every worker
+    prompt, sample = orders // rl.samples_per_prompt, orders % rl.samples_per_prompt
+    mine, local = prompt % world == _rank(world), (prompt // world) * rl.samples_per_prompt + sample
+    per_minibatch = total // rl.minibatches
+    return [local[epoch, start : start + per_minibatch][mine[epoch, start : start + per_minibatch]]
+            for epoch in range(rl.epochs) for start in range(0, total, per_minibatch)]
+
+
+def _rank(world: int) -> int:
+    return dist.get_rank() if world > 1 else 0
 
 
 def _micro_step(roles: Roles, rollout: Rollout, micro, shares, aggregation: Aggregation, rl: RlStage, beta: float,
