@@ -104,8 +104,10 @@ pipelines:
     stages:
       <<: *train
       sft: *sft60
-      rloo: {learning_rate: 0.003, iterations: 12, batch_size: 4, samples_per_prompt: 2, minibatches: 1, epochs: 2,
-             max_new_tokens: 12, checkpoint_every: 6}
+      # 32 responses an iteration and 256 normalisation samples: enough that the reward model's score rises
+      # with margin over the noise of sampling and of the prompts drawn (tests/test_ppo_stage.py)
+      rloo: {learning_rate: 0.003, iterations: 20, batch_size: 16, samples_per_prompt: 2, minibatches: 1, epochs: 2,
+             max_new_tokens: 12, normalisation_samples: 256, checkpoint_every: 10}
       evaluate: *tiny-evaluate
   tiny-reinforce:
     description: tiny-ppo's stages (reused from it) and REINFORCE++ instead of PPO
@@ -114,8 +116,9 @@ pipelines:
     stages:
       <<: *train
       sft: *sft60
-      reinforce: {learning_rate: 0.003, iterations: 12, batch_size: 8, minibatches: 1, epochs: 2, max_new_tokens: 12,
-                  checkpoint_every: 6}
+      # as tiny-rloo's: 32 responses an iteration, 256 normalisation samples
+      reinforce: {learning_rate: 0.003, iterations: 20, batch_size: 32, minibatches: 1, epochs: 2, max_new_tokens: 12,
+                  normalisation_samples: 256, checkpoint_every: 10}
       evaluate: *tiny-evaluate
   tiny-dpo:
     description: tiny-ppo's stages (reused from it) and on-policy DPO on Ray Train instead of PPO
