@@ -56,8 +56,13 @@ def _start_temporary_prefect_api() -> threading.Thread | None:
         _from_template(template, prefect_home)
 
     def start() -> None:
+        server = SubprocessASGIServer()
+        try:
+            server.start()
+        except Exception:  # e.g. no answer in time on a busy machine: its process must not outlive this one
+            server.stop()  # (it would hold this process's output open); the flow's own client starts another
+            return
         with contextlib.suppress(Exception):
-            SubprocessASGIServer().start()
             if new and not (template / _DATABASE).exists():
                 _save_template(prefect_home, template)
 
