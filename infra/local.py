@@ -67,6 +67,8 @@ class Local:
     def exports(self) -> dict[str, str]:
         state = self.state()
         found = {}
+        if "postgres" in state:
+            found["RLHF_LABELS_URL"] = self.postgres_url("labels", "postgresql+psycopg")
         if "prefect" in state:
             found["PREFECT_API_URL"] = f"http://{HOST}:{state['prefect']['port']}/api"
         if "mlflow" in state:
@@ -108,7 +110,7 @@ class Local:
             shutil.chown(log, "postgres", "postgres")
         _run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start"], log)
         self.save(postgres={"port": pg_port, "bindir": str(bindir), "as_postgres": as_postgres})
-        self._create_databases("prefect", "mlflow")
+        self._create_databases("prefect", "mlflow", "labels")
 
     def _create_databases(self, *names: str) -> None:
         import psycopg
