@@ -19,6 +19,7 @@ from rich.table import Table
 from typer._click.exceptions import NoArgsIsHelpError
 from typer.exceptions import TyperException
 
+from flows.label_cli import label_app
 from rlhf import home as rlhf_home
 from rlhf import stage_log
 from rlhf.blocks import FileSource
@@ -39,6 +40,7 @@ app = typer.Typer(
 )
 console = Console(width=None if sys.stdout.isatty() else 120)  # rich's 80 columns off a terminal fold the summary
 state: dict = {}
+app.add_typer(label_app, name="label")
 
 
 def _complete_pipelines(incomplete: str) -> list[str]:
