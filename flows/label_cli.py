@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -21,7 +22,7 @@ from rlhf import home as rlhf_home
 from rlhf.config import load_pipeline
 from rlhf.errors import InputError
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)  # as flows.cli: rich folds at 80 columns off a terminal
 
 
 class _ServeByDefault(TyperGroup):

@@ -88,8 +88,11 @@ def create_app(store: LabelStore, queue: str, gold_rate: float = 0.1, seed: int 
         return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # unknown path, wrong method
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = {404: f"no such address: {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}; use {(exc.headers or {}).get('Allow')}"}
+        return JSONResponse({"error": message.get(exc.status_code, str(exc.detail))}, status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.get("/healthz")
     def healthz() -> dict:
