@@ -31,10 +31,6 @@ from sqlalchemy.orm import aliased, sessionmaker
 from rlhf.labels.agreement import agreement
 from rlhf.labels.schema import CHOICES, AnnotatorRow, BatchRow, ItemRow, JudgementRow, MarkRow
 
-__all__ = [
-    "CHOICES", "MAX_COMMENT", "MAX_MS", "PURPOSES", "AlreadyJudged", "Annotator", "BadJudgement", "Item", "LabelError",
-    "LabelStore", "NewItem", "NothingToUndo", "Record", "Unauthorized", "UnknownItem", "check_judgement", "store_url",
-]
 
 MAX_COMMENT = 2000
 MAX_MS = 86_400_000  # a day: longer is a tab left open, not time spent judging
@@ -137,6 +133,25 @@ def check_judgement(choice: str, comment: str | None, ms: int | None) -> None:
         raise BadJudgement(f"ms is whole milliseconds from 0 to {MAX_MS}, not {ms!r}")
 
 
+def check_item(item: NewItem) -> None:
+    """The rules for an item's fields; breaking one is the calling code's mistake, not an annotator's: ValueError."""
+    messages = item.prompt
+    if not (isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    )):
+        raise ValueError(f"a prompt is a non-empty list of chat messages {{'role': ..., 'content': ...}}, not {messages!r:.200}")
+    if not (isinstance(item.response_a, str) and isinstance(item.response_b, str)):
+        raise ValueError("response_a and response_b are text")
+    if not (isinstance(item.policy_a, dict) and isinstance(item.policy_b, dict)):
+        raise ValueError("policy_a and policy_b are JSON objects")
+    if item.purpose not in PURPOSES:
+        raise ValueError(f"purpose {item.purpose!r} is not one of {', '.join(PURPOSES)}")
+    if item.gold_choice is not None and item.gold_choice not in CHOICES:
+        raise ValueError(f"gold_choice {item.gold_choice!r} is not one of {', '.join(CHOICES)}")
+    if type(item.votes) is not int or item.votes < 1:
+        raise ValueError(f"votes is a whole number of at least 1, not {item.votes!r}")
+
+
 class LabelStore:
     """Thread-safe: sessions are per call, the engine's pool hands each thread its own connection."""
 
@@ -207,7 +222,7 @@ class LabelStore:
         Returns the number of items the batch holds either way.
         """
         for item in items:
-            _check_new_item(item)
+            check_item(item)
         now = _now()
         try:
             with self._writes.begin() as session:
@@ -239,17 +254,17 @@ class LabelStore:
         """
         rng = rng or random.Random()
         with self._reads.begin() as session:
+            query = _open_items(annotator_id, queue, exclude)
+            judged = query.selected_columns.judgements
+            candidates = session.execute(query.order_by(judged == 0, ItemRow.id).limit(WINDOW)).all()
+            if not candidates:
+                return None
             if rng.random() < gold_rate:
                 gold = session.scalars(
                     select(ItemRow.id).where(*_unjudged(annotator_id, queue, exclude), ItemRow.gold_choice.is_not(None))
                 ).all()
                 if gold:
                     return _item(session.get(ItemRow, rng.choice(gold)))
-            query = _open_items(annotator_id, queue, exclude)
-            judged = query.selected_columns.judgements
-            candidates = session.execute(query.order_by(judged == 0, ItemRow.id).limit(WINDOW)).all()
-            if not candidates:
-                return None
             started = candidates[0].judgements > 0
             first_tier = [row.id for row in candidates if (row.judgements > 0) == started]
             return _item(session.get(ItemRow, rng.choice(first_tier)))
@@ -333,7 +348,7 @@ class LabelStore:
         A created item wants as many votes as the file has annotators for it, so it is not handed out again.
         """
         for record in records:
-            _check_new_item(_as_new_item(record))
+            check_item(_as_new_item(record))
             check_judgement(record.choice, record.comment, record.ms)
         voters: dict[tuple[str, str], set[str]] = defaultdict(set)
         for record in records:
@@ -577,25 +592,6 @@ def _open_items(annotator_id: int, queue: str, exclude: Sequence[int]):
         .group_by(ItemRow.id, ItemRow.votes)
         .having(judged < ItemRow.votes)
     )
-
-
-def _check_new_item(item: NewItem) -> None:
-    """A stage's mistake, not an annotator's: ValueError."""
-    messages = item.prompt
-    if not (isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-    )):
-        raise ValueError(f"a prompt is a non-empty list of chat messages {{'role': ..., 'content': ...}}, not {messages!r:.200}")
-    if not (isinstance(item.response_a, str) and isinstance(item.response_b, str)):
-        raise ValueError("response_a and response_b are text")
-    if not (isinstance(item.policy_a, dict) and isinstance(item.policy_b, dict)):
-        raise ValueError("policy_a and policy_b are JSON objects")
-    if item.purpose not in PURPOSES:
-        raise ValueError(f"purpose {item.purpose!r} is not one of {', '.join(PURPOSES)}")
-    if item.gold_choice is not None and item.gold_choice not in CHOICES:
-        raise ValueError(f"gold_choice {item.gold_choice!r} is not one of {', '.join(CHOICES)}")
-    if type(item.votes) is not int or item.votes < 1:
-        raise ValueError(f"votes is a whole number of at least 1, not {item.votes!r}")
 
 
 def _as_new_item(record: Record, votes: int = 1) -> NewItem:

@@ -1,0 +1,516 @@
+"""The label store (rlhf/labels/), every store test on SQLite and on PostgreSQL.
+
+PostgreSQL is the one `infra/local-up postgres` starts, on a spare port in a temporary directory,
+once for the session; each test gets a fresh database in it.
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+
+from rlhf.errors import InputError
+from rlhf.labels.agreement import agreement, cohen_kappa, fleiss_kappa
+from rlhf.labels.exchange import export_judgements, import_judgements
+from rlhf.labels.schema import Base
+from rlhf.labels.store import (
+    MAX_COMMENT,
+    MIGRATIONS,
+    AlreadyJudged,
+    BadJudgement,
+    LabelStore,
+    NewItem,
+    NothingToUndo,
+    Unauthorized,
+    UnknownItem,
+    store_url,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """The URL of the `labels` database of a PostgreSQL started by infra/local-up; stopped by infra/local-down."""
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        pytest.skip("no PostgreSQL server installed (apt-get install postgresql)")
+    directory = Path(tempfile.mkdtemp(prefix="rlhf-labels-", dir="/tmp"))
+    directory.chmod(0o755)  # PostgreSQL runs as user postgres, who must reach it
+    env = os.environ | {"RLHF_POSTGRES_PORT": str(_free_port())}
+    try:
+        up = subprocess.run([ROOT / "infra" / "local-up", "postgres", "--dir", directory],
+                            capture_output=True, text=True, env=env, timeout=300)
+        assert up.returncode == 0, up.stderr[-3000:]
+        yield dict(re.findall(r"^export (\w+)=(\S+)$", up.stdout, re.M))["RLHF_LABELS_URL"]
+    finally:
+        down = subprocess.run([ROOT / "infra" / "local-down", "postgres", "--dir", directory],
+                              capture_output=True, text=True, env=env, timeout=120)
+        shutil.rmtree(directory, ignore_errors=True)
+        assert down.returncode == 0, down.stderr[-3000:]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_url(request, tmp_path):
+    """Makes URLs of fresh, empty databases of the backend under test."""
+    if request.param == "sqlite":
+        return lambda: f"sqlite:///{tmp_path / uuid.uuid4().hex}/labels.db"
+    import psycopg
+
+    labels = make_url(request.getfixturevalue("postgres"))
+
+    def fresh() -> str:
+        name = f"labels_{uuid.uuid4().hex[:16]}"
+        admin = labels.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return labels.set(database=name).render_as_string(hide_password=False)
+
+    return fresh
+
+
+@pytest.fixture
+def open_store(new_url):
+    """Opens stores on fresh databases, closing them after the test."""
+    stores = []
+
+    def opener(url: str | None = None) -> LabelStore:
+        stores.append(LabelStore(url or new_url()))
+        return stores[-1]
+
+    yield opener
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store) -> LabelStore:
+    return open_store()
+
+
+def _items(n: int, votes: int = 1, purpose: str = "train", tag: str = "q") -> list[NewItem]:
+    return [
+        NewItem([{"role": "user", "content": f"{tag} {i}"}], f"{tag} {i} a", f"{tag} {i} b",
+                {"stage": "sft", "role": "baseline"}, {"stage": "ppo", "role": "candidate"}, purpose=purpose, votes=votes)
+        for i in range(n)
+    ]
+
+
+def _gold(n: int, answer: str = "A") -> list[NewItem]:
+    return [NewItem([{"role": "user", "content": f"gold {i}"}], f"gold {i} good", f"gold {i} bad", {}, {}, gold_choice=answer)
+            for i in range(n)]
+
+
+def _people(store: LabelStore, *names: str) -> dict[str, int]:
+    return {name: store.authenticate(store.add_annotator(name)).id for name in names}
+
+
+def _ids(store: LabelStore, queue: str) -> list[int]:
+    with store.engine.connect() as connection:
+        return list(connection.scalars(text("SELECT id FROM items WHERE queue = :q ORDER BY id"), {"q": queue}))
+
+
+# ------------------------------------------------------------ schema and migrations
+
+
+def test_migration_creates_the_schema_at_head_and_reopening_changes_nothing(store):
+    head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    with store.engine.connect() as connection:
+        assert connection.scalar(text("SELECT version_num FROM alembic_version")) == head == "0001"
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []  # the ORM is what the migration made
+    people = _people(store, "ann")
+    store.add_items("q", "b1", _items(2))
+    store.judge(people["ann"], _ids(store, "q")[0], "A")
+    digest = store.digest("q")
+    store.close()
+    again = LabelStore(store.engine.url.render_as_string(hide_password=False))
+    try:
+        assert set(inspect(again.engine).get_table_names()) == {"alembic_version", "annotators", "items", "judgements",
+                                                                 "batches", "marks"}
+        assert again.digest("q") == digest and again.count_judgements("q") == 1
+    finally:
+        again.close()
+
+
+def test_opening_one_store_from_many_threads_at_once_migrates_it_once(new_url):
+    url, errors, opened = new_url(), [], []
+
+    def open_it():
+        try:
+            opened.append(LabelStore(url))
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in opened:
+        store.close()
+    assert not errors and len(opened) == 4
+
+
+def test_the_database_itself_refuses_a_second_judgement_and_a_choice_outside_the_list(store):
+    people = _people(store, "ann")
+    store.add_items("q", "b1", _items(1))
+    item = _ids(store, "q")[0]
+    store.judge(people["ann"], item, "A")
+    insert = text("INSERT INTO judgements (item_id, annotator_id, choice, created_at) VALUES (:i, :a, :c, CURRENT_TIMESTAMP)")
+    with pytest.raises(IntegrityError), store.engine.begin() as connection:
+        connection.execute(insert, {"i": item, "a": people["ann"], "c": "B"})
+    other = _people(store, "bob")["bob"]
+    with pytest.raises(IntegrityError), store.engine.begin() as connection:
+        connection.execute(insert, {"i": item, "a": other, "c": "C"})
+    assert store.count_judgements("q") == 1
+
+
+# ------------------------------------------------------------ annotators, items, judgements
+
+
+def test_tokens_are_stored_hashed_and_a_new_one_replaces_the_old(store):
+    first = store.add_annotator("ann", owner=True)
+    ann = store.authenticate(first)
+    assert (ann.name, ann.owner) == ("ann", True)
+    with store.engine.connect() as connection:
+        assert connection.scalar(text("SELECT token_hash FROM annotators")) == hashlib.sha256(first.encode()).hexdigest()
+    second = store.add_annotator("ann", owner=True)
+    assert store.authenticate(first) is None and store.authenticate(second) == ann
+    assert store.authenticate("not a token") is None
+
+
+def test_a_batch_is_added_once(store):
+    assert store.add_items("q", "b1", _items(3)) == 3
+    assert store.add_items("q", "b1", _items(5)) == 3  # the stage reran: nothing new
+    assert store.add_items("q", "b2", _items(2, tag="r")) == 2
+    assert store.add_items("other", "b1", _items(1)) == 1  # batches are per queue
+    assert store.stats("q")["queue"]["items"] == 5
+    with pytest.raises(ValueError, match="gold_choice"):
+        store.add_items("q", "b3", [NewItem([{"role": "user", "content": "x"}], "a", "b", {}, {}, gold_choice="C")])
+    assert store.stats("q")["queue"]["items"] == 5
+
+
+def test_judge_refuses_bad_requests_and_writes_nothing(store):
+    people = _people(store, "ann")
+    store.add_items("q", "b1", _items(1))
+    item = _ids(store, "q")[0]
+    first = store.judge(people["ann"], item, "tie", comment="close", ms=1200)
+    digest = store.digest("q")
+    refusals = [
+        (AlreadyJudged, dict(annotator_id=people["ann"], item_id=item, choice="B")),
+        (UnknownItem, dict(annotator_id=people["ann"], item_id=item + 99, choice="A")),
+        (Unauthorized, dict(annotator_id=people["ann"] + 99, item_id=item, choice="A")),
+        (BadJudgement, dict(annotator_id=people["ann"], item_id=item, choice="C")),
+        (BadJudgement, dict(annotator_id=people["ann"], item_id=item, choice="A", comment="x" * (MAX_COMMENT + 1))),
+        (BadJudgement, dict(annotator_id=people["ann"], item_id=item, choice="A", ms=-1)),
+        (BadJudgement, dict(annotator_id=people["ann"], item_id=item, choice="A", ms=86_400_001)),
+    ]
+    for error, request in refusals:
+        with pytest.raises(error) as raised:
+            store.judge(**request)
+        assert raised.value.status == {AlreadyJudged: 409, UnknownItem: 404, Unauthorized: 401, BadJudgement: 422}[error]
+    assert store.digest("q") == digest and store.last_judgement_id("q") == first
+    assert [(j["choice"], j["comment"], j["ms"]) for j in store.judgements("q")] == [("tie", "close", 1200)]
+
+
+def test_next_item_completes_overlap_first_mixes_in_gold_and_respects_votes(store):
+    people = _people(store, "ann", "bob", "cat")
+    store.add_items("q", "b1", _items(4, votes=2) + _gold(2))
+    ordinary, gold = _ids(store, "q")[:4], _ids(store, "q")[4:]
+    rng = random.Random(0)
+    first = store.next_item(people["ann"], "q", gold_rate=0, rng=rng)
+    assert first.id in ordinary and first.purpose == "train" and not hasattr(first, "gold_choice")
+    store.judge(people["ann"], first.id, "A")
+    assert store.next_item(people["bob"], "q", gold_rate=0, rng=rng).id == first.id  # wants one more vote: it comes first
+    assert store.next_item(people["bob"], "q", gold_rate=0, exclude=[first.id], rng=rng).id != first.id
+    store.judge(people["bob"], first.id, "B")
+    assert all(store.next_item(people["cat"], "q", gold_rate=0, rng=rng).id != first.id for _ in range(20))  # votes reached
+    assert store.next_item(people["cat"], "q", gold_rate=1, rng=rng).id in gold
+    assert store.progress(people["ann"], "q") == {"judged": 1, "remaining": 3}
+    for item in set(ordinary) - {first.id}:
+        store.judge(people["ann"], item, "A")
+    assert store.next_item(people["ann"], "q", gold_rate=0, rng=rng) is None
+    assert store.next_item(people["ann"], "q", gold_rate=1, rng=rng) is None  # gold checks alone do not keep a queue open
+    assert store.progress(people["ann"], "q") == {"judged": 4, "remaining": 0}
+
+
+def test_undo_withdraws_the_latest_judgement_and_the_digest_follows_judgements_only(store):
+    people = _people(store, "ann", "bob")
+    store.add_items("q", "b1", _items(3))
+    store.add_items("gate", "b1", _items(1, purpose="gate"))
+    items = _ids(store, "q")
+    empty = store.digest("q")
+    with pytest.raises(NothingToUndo):
+        store.undo(people["ann"], "q")
+    store.judge(people["ann"], items[0], "A")
+    one = store.digest("q")
+    store.judge(people["ann"], items[1], "B")
+    two = store.digest("q")
+    assert len({empty, one, two}) == 3
+    for read in (store.stats, store.preference_pairs, store.judgements):
+        read("q")
+    store.next_item(people["bob"], "q")
+    store.add_items("q", "b2", _items(1, tag="more"))
+    store.judge(people["bob"], _ids(store, "gate")[0], "A")  # another queue
+    assert store.digest("q") == two
+    assert store.undo(people["ann"], "q").id == items[1]
+    assert store.digest("q") == one and store.count_judgements("q") == 1
+    assert store.undo(people["ann"], "q").id == items[0]
+    assert store.digest("q") == empty
+    with pytest.raises(NothingToUndo):
+        store.undo(people["ann"], "q")
+    store.judge(people["ann"], items[0], "A")  # the same choice again is a new judgement
+    assert store.digest("q") not in (empty, one)
+
+
+def test_judgements_counts_and_marks(store):
+    people = _people(store, "ann")
+    store.add_items("q", "b1", _items(2) + _items(1, purpose="gate", tag="g"))
+    train, gate = _ids(store, "q")[:2], _ids(store, "q")[2]
+    ids = [store.judge(people["ann"], item, "A") for item in train]
+    store.judge(people["ann"], gate, "B")
+    assert [row["item_id"] for row in store.judgements("q")] == train
+    assert [row["item_id"] for row in store.judgements("q", purpose=None)] == [*train, gate]
+    assert [row["id"] for row in store.judgements("q", after_id=ids[0])] == ids[1:]
+    row = store.judgements("q", purpose="gate")[0]
+    assert row["policy_a"] == {"stage": "sft", "role": "baseline"} and row["annotator"] == "ann"
+    assert row["created_at"].endswith("+00:00")
+    assert (store.count_judgements("q"), store.count_judgements("q", after_id=ids[0]), store.count_judgements("q", "gate")) == (2, 1, 1)
+    assert (store.last_judgement_id("q"), store.last_judgement_id("empty")) == (ids[1], 0)
+    assert store.mark("q", "trained") is None
+    store.set_mark("q", "trained", ids[0])
+    store.set_mark("q", "trained", ids[1])
+    assert (store.mark("q", "trained"), store.mark("other", "trained")) == (ids[1], None)
+
+
+# ------------------------------------------------------------ what the pipeline reads
+
+
+def test_preference_pairs_majorities_ties_both_bad_and_gold_filtering(store):
+    people = _people(store, "ann", "bob", "cat", "dan")
+    store.add_items("q", "b1", _items(5, votes=2) + _items(1, purpose="gate", tag="g") + _gold(1))
+    i1, i2, i3, i4, i5, gate, gold = _ids(store, "q")
+    votes = {
+        i1: {"ann": "A", "bob": "A", "cat": "B", "dan": "A"},
+        i2: {"ann": "tie", "bob": "tie", "cat": "A"},
+        i3: {"ann": "both_bad", "bob": "B", "cat": "both_bad"},
+        i4: {"ann": "A", "bob": "B"},
+        i5: {"ann": "B", "cat": "A"},
+        gate: {"ann": "A"},
+        gold: {"ann": "A", "bob": "A", "cat": "B"},  # cat fails the gold check; dan judged none
+    }
+    for item, by in votes.items():
+        for name, choice in by.items():
+            store.judge(people[name], item, choice)
+
+    rows, counts = store.preference_pairs("q")
+    assert counts == {"judged_items": 5, "pairs": 1, "ties": 1, "both_bad": 1, "no_majority": 2,
+                      "annotators_left_out": 0, "judgements": 14}
+    assert rows == [{"item_id": i1, "prompt": [{"role": "user", "content": "q 0"}], "chosen": [{"role": "assistant", "content": "q 0 a"}],
+                     "rejected": [{"role": "assistant", "content": "q 0 b"}], "votes": 3}]
+
+    rows, counts = store.preference_pairs("q", min_gold_accuracy=0.5)
+    assert counts == {"judged_items": 5, "pairs": 2, "ties": 1, "both_bad": 0, "no_majority": 2,
+                      "annotators_left_out": 1, "judgements": 10}
+    assert [(row["item_id"], row["chosen"][0]["content"], row["votes"]) for row in rows] == [(i1, "q 0 a", 3), (i5, "q 4 b", 1)]
+
+    stats = store.stats("q")
+    assert stats["annotators"] == [
+        {"name": "ann", "judgements": 7, "gold_judged": 1, "gold_correct": 1, "gold_accuracy": 1.0},
+        {"name": "bob", "judgements": 5, "gold_judged": 1, "gold_correct": 1, "gold_accuracy": 1.0},
+        {"name": "cat", "judgements": 5, "gold_judged": 1, "gold_correct": 0, "gold_accuracy": 0.0},
+        {"name": "dan", "judgements": 1, "gold_judged": 0, "gold_correct": 0, "gold_accuracy": None},
+    ]
+    assert stats["queue"] == {"items": 7, "gold_items": 1, "pending": 0, "judged_items": 7, "judgements": 18}
+    ordinary = {item: by for item, by in votes.items() if item != gold}
+    assert stats["agreement"] == agreement(ordinary)
+    ann_bob = next(pair for pair in stats["agreement"]["pairs"] if (pair["a"], pair["b"]) == ("ann", "bob"))
+    # ann/bob share i1..i4: observed 2/4; chance (A: 2x1 + tie: 1x1) / 16 = 3/16; kappa = (1/2 - 3/16) / (13/16)
+    assert ann_bob["items"] == 4 and ann_bob["kappa"] == pytest.approx(5 / 13)
+    assert stats["agreement"]["overlapping_items"] == 5
+
+
+def test_two_annotators_in_two_threads_each_lose_nothing_and_racing_duplicates_are_refused(store):
+    people = _people(store, "ann", "bob", "cat")
+    store.add_items("q", "b1", _items(25, votes=3))
+    items = _ids(store, "q")
+    done, refused, errors = [], [], []
+
+    def judge_all(name: str, order: list[int]):
+        try:
+            for item in order:
+                try:
+                    done.append(store.judge(people[name], item, random.choice("AB")))
+                except AlreadyJudged:
+                    refused.append((name, item))
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=judge_all, args=args) for args in
+               [("ann", items), ("bob", items[::-1]), ("cat", items), ("cat", items[::-1])]]  # cat twice, at once
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(done) == len(set(done)) == 75 and len(refused) == 25 and {name for name, _ in refused} == {"cat"}
+    assert store.count_judgements("q") == 75 and sorted(row["id"] for row in store.judgements("q")) == sorted(done)
+
+
+# ------------------------------------------------------------ import and export
+
+
+def _filled(store: LabelStore) -> None:
+    people = _people(store, "ann", "bob")
+    store.add_items("q", "b1", _items(3, votes=2) + _items(1, purpose="gate", tag="g") + _gold(1, "B"))
+    items = _ids(store, "q")
+    store.add_items("q", "b1-multi", [NewItem([{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi ü"}],
+                                              "hello", "go away", {"stage": "sft"}, {"stage": "ppo"})])
+    items = _ids(store, "q")
+    for name, choices in {"ann": ["A", "tie", "both_bad", "A", "B", "B"], "bob": ["B", "tie", "A", None, "A", None]}.items():
+        for item, choice in zip(items, choices):
+            if choice:
+                store.judge(people[name], item, choice, comment=f"{name} on {item}" if choice == "tie" else None, ms=1500)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_export_and_import_round_trip(open_store, tmp_path, suffix):
+    source, target = open_store(), open_store()
+    _filled(source)
+    exported = tmp_path / f"judgements{suffix}"
+    assert export_judgements(source, "q", exported) == 10
+    counts = import_judgements(target, exported)
+    assert counts == {"items_created": 6, "annotators_created": 2, "judgements_created": 10, "duplicates_skipped": 0,
+                      "empty_skipped": 0}
+    assert import_judgements(target, exported)["duplicates_skipped"] == 10  # a second import adds nothing
+    export_judgements(source, "q", tmp_path / "source.jsonl")
+    export_judgements(target, "q", tmp_path / "target.jsonl")
+    source_lines, target_lines = ((tmp_path / f"{name}.jsonl").read_text().splitlines() for name in ("source", "target"))
+    if suffix == ".jsonl":
+        assert target_lines == source_lines
+    else:  # Label Studio groups judgements by task: the same judgements, in item order
+        assert sorted(target_lines) == sorted(source_lines)
+    assert target.stats("q")["queue"]["pending"] == 0  # imported items want the votes they came with
+    assert target.preference_pairs("q") == source.preference_pairs("q")
+    token = target.add_annotator("ann")  # imported annotators log in once given a token
+    assert target.authenticate(token).name == "ann"
+
+
+def test_label_studio_pairwise_results_read_as_choices(store, tmp_path):
+    tasks = [
+        {"id": 7, "data": {"prompt": "Which is kinder?", "answer1": "thanks", "answer2": "no"}, "annotations": [
+            {"completed_by": 3, "lead_time": 2.5, "created_at": "2024-05-01T10:00:00.5Z",
+             "result": [{"type": "pairwise", "from_name": "comparison", "to_name": ["answer1", "answer2"], "value": {"selected": "left"}}]},
+            {"completed_by": {"id": 4, "email": "b@example.org"},
+             "result": [{"type": "pairwise", "from_name": "comparison", "to_name": ["answer1", "answer2"], "value": {"selected": "right"}},
+                        {"type": "textarea", "from_name": "comment", "to_name": "prompt", "value": {"text": ["hmm"]}}]},
+            {"completed_by": 5, "result": [{"type": "choices", "from_name": "verdict", "to_name": "prompt", "value": {"choices": ["Both bad"]}}]},
+            {"completed_by": 6, "was_cancelled": True, "result": []},
+            {"completed_by": 8, "result": []},
+        ]},
+    ]
+    path = tmp_path / "project.json"
+    path.write_text(json.dumps(tasks))
+    assert import_judgements(store, path, queue="ls") == {"items_created": 1, "annotators_created": 3, "judgements_created": 3,
+                                                          "duplicates_skipped": 0, "empty_skipped": 2}
+    rows = store.judgements("ls")
+    assert [(r["annotator"], r["choice"], r["comment"], r["ms"]) for r in rows] == [
+        ("label-studio-user-3", "A", None, 2500), ("b@example.org", "B", "hmm", None), ("label-studio-user-5", "both_bad", None, None)]
+    assert rows[0]["prompt"] == [{"role": "user", "content": "Which is kinder?"}]
+    assert rows[0]["created_at"] == "2024-05-01T10:00:00.500000+00:00"
+
+
+@pytest.mark.parametrize(("content", "where", "says"), [
+    ('{"queue": "q", "prompt": [{"role": "user", "content": "x"}], "response_a": "a", "response_b": "b", '
+     '"choice": "A", "annotator": "ann"}\n\n{"queue": "q", "prompt": [{"role": "user", "content": "y"}], '
+     '"response_a": "a", "response_b": "b", "choice": "left", "annotator": "ann"}\n', "line 3", "choice 'left'"),
+    ('{"queue": "q"\n', "line 1", "not JSON"),
+    ('{"queue": "q", "prompt": "x", "response_a": "a", "response_b": "b", "choice": "A", "annotator": "ann"}\n', "line 1", "prompt"),
+    ('{"queue": "q", "prompt": [{"role": "user", "content": "x"}], "response_b": "b", "choice": "A", "annotator": "ann"}\n',
+     "line 1", "missing response_a"),
+    ('{"queue": "q", "prompt": [{"role": "user", "content": "x"}], "response_a": "a", "response_b": "b", "choice": "A", '
+     '"annotator": "ann", "created_at": "yesterday"}\n', "line 1", "created_at"),
+    ('{"queue": "q", "prompt": [{"role": "user", "content": "x"}], "response_a": "a", "response_b": "b", "choice": "A", '
+     '"annotator": "ann", "colour": "red"}\n', "line 1", "unknown key colour"),
+])
+def test_a_bad_jsonl_row_names_its_line_and_nothing_is_imported(store, tmp_path, content, where, says):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(InputError, match=re.escape(f"{path}: {where}") + ".*" + re.escape(says)):
+        import_judgements(store, path)
+    assert store.count_judgements("q") == 0 and store.stats("q")["queue"]["items"] == 0
+
+
+def test_a_bad_label_studio_task_names_it(store, tmp_path):
+    good = {"data": {"prompt": "p", "answer1": "a", "answer2": "b"}, "annotations": [
+        {"completed_by": 1, "result": [{"type": "pairwise", "value": {"selected": "left"}}]}]}
+    bad = {"id": 9, "data": {"prompt": "p", "answer1": "a", "answer2": "b"}, "annotations": [
+        {"completed_by": 1, "result": [{"type": "pairwise", "value": {"selected": "left"}},
+                                       {"type": "choices", "value": {"choices": ["tie"]}}]}]}
+    path = tmp_path / "project.json"
+    path.write_text(json.dumps([good, bad]))
+    with pytest.raises(InputError, match=re.escape(f"{path}: task 2 (id 9), annotation 1: more than one verdict")):
+        import_judgements(store, path, queue="ls")
+    assert store.count_judgements("ls") == 0
+
+
+# ------------------------------------------------------------ no database
+
+
+def test_kappa_against_textbook_examples():
+    # Cohen: 50 proposals read by two readers, Yes/Yes 20, Yes/No 5, No/Yes 10, No/No 15 (Wikipedia, "Cohen's kappa"): 0.4
+    a = ["Y"] * 25 + ["N"] * 25
+    b = ["Y"] * 20 + ["N"] * 5 + ["Y"] * 10 + ["N"] * 15
+    assert cohen_kappa(a, b) == pytest.approx(0.4)
+    assert cohen_kappa(["A", "A"], ["A", "A"]) is None and cohen_kappa([], []) is None
+    # Fleiss: 10 subjects, 14 raters, 5 categories (Wikipedia, "Fleiss' kappa"): P = 0.378, Pe = 0.213, kappa = 0.210
+    table = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
+             [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+    ratings = [[category for category, n in enumerate(row) for _ in range(n)] for row in table]
+    assert fleiss_kappa(ratings) == pytest.approx(0.20993, abs=1e-5)
+    # with two raters on every item, Fleiss' kappa is Scott's pi: (p_o - p_e) / (1 - p_e) with pooled shares
+    pi = (0.7 - (0.45**2 + 0.55**2)) / (1 - (0.45**2 + 0.55**2))
+    assert fleiss_kappa([list(pair) for pair in zip(a, b)]) == pytest.approx(pi)
+    # unequal counts: items weigh alike, each with its own number of raters
+    assert fleiss_kappa([["A", "A", "A"], ["A", "B"], ["B"]]) == pytest.approx((0.5 - (0.8**2 + 0.2**2)) / (1 - 0.68))
+
+
+def test_store_url_prefers_the_environment_then_the_pipeline(monkeypatch, tmp_path):
+    monkeypatch.delenv("RLHF_LABELS_URL", raising=False)
+    assert store_url(tmp_path) == f"sqlite:///{tmp_path.resolve()}/labels.db"
+    assert store_url(tmp_path, "postgresql+psycopg://x/labels") == "postgresql+psycopg://x/labels"
+    monkeypatch.setenv("RLHF_LABELS_URL", "sqlite:////elsewhere/labels.db")
+    assert store_url(tmp_path, "postgresql+psycopg://x/labels") == "sqlite:////elsewhere/labels.db"
+
+
+def test_sqlite_store_is_in_wal_mode_with_full_sync(tmp_path):
+    store = LabelStore(f"sqlite:///{tmp_path}/labels.db")
+    try:
+        with store.engine.connect() as connection:
+            pragmas = [connection.exec_driver_sql(f"PRAGMA {name}").scalar() for name in ("journal_mode", "synchronous", "foreign_keys")]
+        assert pragmas == ["wal", 2, 1]
+        assert sqlite3.connect(tmp_path / "labels.db").execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        store.close()
