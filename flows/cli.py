@@ -155,6 +155,9 @@ def serve(
 def _summary(result: dict) -> None:
     from rlhf.tracking import is_local, run_link, tracking_uri
 
+    if not result["stages"]:  # a scheduled run with nothing new to train on
+        console.print(result["waiting"])
+        return
     table = Table(title=f"pipeline {result['pipeline']}")
     for column in ("stage", "action", "seconds", "headline", "MLflow run"):
         table.add_column(column, overflow="fold")
@@ -169,6 +172,8 @@ def _summary(result: dict) -> None:
 
     for line in evaluation_lines(result["stages"], result["pipeline"]):
         console.print(line, style="bold red" if line.startswith("WARNING") else None)
+    if result["waiting"]:
+        console.print(result["waiting"], style="bold")
     console.print(f"MLflow parent run: {result['parent_run']} (report.md attached)")
     link = run_link(result["experiment"], result["parent_run"])
     local = is_local(tracking_uri(state["home"]))
@@ -235,18 +240,50 @@ def validate(config: ConfigOption = None) -> None:
 def promote(
     pipeline: Annotated[str, typer.Argument(help="pipeline whose registered policy to promote")],
     version: Annotated[str, typer.Argument(help="registered model version")],
+    config: ConfigOption = None,
 ) -> None:
-    """Point the `champion` alias of `<PIPELINE>-policy` at VERSION."""
+    """Point the `champion` alias of `<PIPELINE>-policy` at VERSION.
+
+    With a human gate (`stages.evaluate.registry.min_human_win_rate`), only once enough people's judgements
+    of its evaluation's candidate-against-baseline pairs prefer it; their win rate is logged to the evaluation's
+    MLflow run and its pipeline run either way.
+    """
     from mlflow.exceptions import MlflowException
 
     from rlhf import registry, tracking
 
+    name, parsed = load_pipeline(_config(config), pipeline, [])
     tracking.configure(state["home"])
+    _check_human_gate(name, parsed, version)
     try:
-        registry.promote(f"{pipeline}-policy", version)
+        registry.promote(f"{name}-policy", version)
     except MlflowException as exc:
-        raise InputError(f"promote {pipeline} {version}: {exc.message}") from None
-    console.print(f"{pipeline}-policy version {version} is now 'champion'")
+        raise InputError(f"promote {name} {version}: {exc.message}") from None
+    console.print(f"{name}-policy version {version} is now 'champion'")
+
+
+def _check_human_gate(name: str, pipeline, version: str) -> None:
+    from rlhf import tracking
+    from rlhf.labels.gate import verdict
+    from rlhf.site import Site
+
+    gates = [pipeline.stages.block(stage).registry for stage in pipeline.stages.providing("evaluation")]
+    gate = next((g for g in gates if g is not None and g.min_human_win_rate is not None), None)
+    if gate is None:
+        return
+    found = verdict(Site(state["home"], name, pipeline.labels).store(), name, version)
+    rate = found["win_rate"]
+    if found["evaluation_run"]:
+        tracking.log_with_parent(found["evaluation_run"], {"evaluate.human_judgements": float(found["judgements"])}
+                                 | ({"evaluate.human_win_rate": rate} if rate is not None else {}))
+    if found["judgements"] < gate.min_human_judgements or rate is None or rate < gate.min_human_win_rate:
+        shown = "no win rate yet" if rate is None else f"win rate {rate:.2f}"
+        raise InputError(
+            f"promote {name} {version}: people judged it against its baseline {found['judgements']} times ({shown}: "
+            f"{found['wins']} wins, {found['losses']} losses, {found['ties']} ties); the gate needs "
+            f"{gate.min_human_judgements} judgements and a win rate of {gate.min_human_win_rate:.2f}"
+        )
+    console.print(f"people prefer it: win rate {rate:.2f} over {found['judgements']} judgements")
 
 
 @app.command()

@@ -8,6 +8,7 @@ from pathlib import Path
 from rlhf.errors import InputError
 from rlhf.lifecycle import StageSpec, completed
 from rlhf.pipeline import Pipeline
+from rlhf.site import Site
 
 
 def plan(stages: list[str], from_stage: str | None, only: str | None) -> dict[str, str]:
@@ -34,6 +35,7 @@ class Planner:
 
     def __init__(self, home: Path, name: str, pipeline: Pipeline, experiment: str = "", parent_run: str = ""):
         self.home, self.name, self.pipeline = home, name, pipeline
+        self.site = Site(home, name, pipeline.labels)
         self.experiment, self.parent_run = experiment, parent_run
         self.done: dict[str, tuple[str, Path]] = {}  # stage -> digest and outputs of its complete result
 
@@ -42,9 +44,10 @@ class Planner:
         reads = self.pipeline.stages.reads(stage)
         if any(name not in self.done for name in reads):
             return None
+        block = self.pipeline.stages.block(stage)
         return StageSpec(
             home=self.home, pipeline_name=self.name, pipeline=self.pipeline, stage=stage,
-            inputs={name: self.done[name][0] for name in reads} | getattr(self.pipeline.stages, stage).external_inputs(),
+            inputs={name: self.done[name][0] for name in reads} | block.external_inputs() | block.live_inputs(self.site),
             upstream={name: self.done[name][1] for name in reads},
             providers=self.pipeline.stages.providers(stage),
             experiment=self.experiment, parent_run=self.parent_run, force=force,
@@ -52,6 +55,10 @@ class Planner:
 
     def waiting_for(self, stage: str) -> str:
         return next(name for name in self.pipeline.stages.reads(stage) if name not in self.done)
+
+    def waiting(self, stage: str) -> str | None:
+        """Why the stage cannot start although its upstream is complete (e.g. too few judgements yet), or None."""
+        return self.pipeline.stages.block(stage).waiting(self.site)
 
     def complete(self, stage: str, digest: str, outputs: Path) -> None:
         self.done[stage] = (digest, outputs)
@@ -77,6 +84,8 @@ def stage_states(home: Path, name: str, pipeline: Pipeline) -> list[tuple[str, .
             rows.append((stage, "running", spec.fingerprint, "", "", ""))
         elif spec.dir.work.exists():
             rows.append((stage, f"partial, resumable ({spec.dir.work})", spec.fingerprint, "", "", ""))
+        elif why := planner.waiting(stage):
+            rows.append((stage, why, spec.fingerprint, "", "", ""))
         else:
             rows.append((stage, "not run", spec.fingerprint, "", "", ""))
     return rows

@@ -51,6 +51,7 @@ def deployments(config_file: Path, home: Path, names: list[str]) -> list:
                     "overrides": pipeline.schedule.overrides,
                     "config_file": str(config_file.resolve()),
                     "home": str(home),
+                    "scheduled": True,  # `schedule.min_new_labels` holds back scheduled runs only
                 },
                 concurrency_limit=1,
                 tags=["rlhf", name],

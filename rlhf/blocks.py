@@ -39,8 +39,21 @@ class StageConfig(Strict):
         return False
 
     def external_inputs(self) -> dict[str, str]:
-        """Digests of what the stage reads from outside the store: part of its fingerprint."""
+        """Digests of the files the stage reads from outside the store: part of its fingerprint."""
         return {}
+
+    def live_inputs(self, site) -> dict[str, str]:
+        """Digests of what changes between runs with no change of config (the judgements in the label store,
+        the newest reward model of the home): part of its fingerprint. `site` is `rlhf.site.Site`."""
+        return {}
+
+    def waiting(self, site) -> str | None:
+        """Why the stage cannot start yet although its upstream is complete (too few judgements), or None.
+        A run stops there without error, and the next run continues."""
+        return None
+
+    def reads_judgements(self) -> bool:
+        return False
 
 
 # ----------------------------------------------------------------- data sources

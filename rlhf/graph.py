@@ -18,6 +18,7 @@ from rlhf.blocks import StageConfig
 from rlhf.stages.data.config import DataStage
 from rlhf.stages.dpo.config import DpoStage
 from rlhf.stages.evaluate.config import EvaluateStage
+from rlhf.stages.propose.config import ProposeStage
 from rlhf.stages.reward.config import RewardStage
 from rlhf.stages.rl.config import METHODS
 from rlhf.stages.sft.config import SftStage
@@ -29,7 +30,7 @@ class Stage:
     config: type[StageConfig]
     recipe: str  # `module:function` of its recipe, imported only when the stage runs, e.g. `rlhf.stages.sft.recipe:train_sft`
     needs: tuple[str, ...] = ()  # what it reads from the stages of the pipeline that provide it, when there are any
-    provides: tuple[str, ...] = ()  # data, policy, reward_model, evaluation
+    provides: tuple[str, ...] = ()  # data, policy, judgements, reward_model, evaluation
     trains: bool = False  # on Ray Train when the `ray` block asks for >1 worker or a GPU, else in this process
     required: bool = False
 
@@ -69,13 +70,14 @@ def providers(present: list[str], stage: str) -> dict[str, str]:
 declare(
     Stage("data", DataStage, "rlhf.stages.data.recipe:prepare_data", provides=("data",), required=True),
     Stage("sft", SftStage, "rlhf.stages.sft.recipe:train_sft", needs=("data",), provides=("policy",), trains=True),
-    Stage("reward", RewardStage, "rlhf.stages.reward.recipe:train_reward", needs=("data", "policy"), provides=("reward_model",),
-          trains=True),
+    Stage("propose", ProposeStage, "rlhf.stages.propose.recipe:propose_pairs", needs=("data", "policy"), provides=("judgements",)),
+    Stage("reward", RewardStage, "rlhf.stages.reward.recipe:train_reward", needs=("data", "policy", "judgements"),
+          provides=("reward_model",), trains=True),
     *(Stage(name, config, "rlhf.stages.rl.recipe:train_rl", needs=("data", "policy", "reward_model"), provides=("policy",),
             trains=True)
       for name, config in METHODS.items()),
-    Stage("dpo", DpoStage, "rlhf.stages.dpo.recipe:train_dpo", needs=("data", "policy", "reward_model"), provides=("policy",),
-          trains=True),
+    Stage("dpo", DpoStage, "rlhf.stages.dpo.recipe:train_dpo", needs=("data", "policy", "judgements", "reward_model"),
+          provides=("policy",), trains=True),
     Stage("evaluate", EvaluateStage, "rlhf.stages.evaluate.recipe:evaluate_policies", needs=("data", "policy", "reward_model"),
           provides=("evaluation",)),
 )

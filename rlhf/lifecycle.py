@@ -25,6 +25,7 @@ from rlhf.errors import InputError, ServerLost, StageFailed
 from rlhf.gold import Gold, named, task_gold_name
 from rlhf.graph import GRAPH
 from rlhf.pipeline import Pipeline
+from rlhf.site import Site
 from rlhf.store import StageDir, digest_tree, fingerprint
 
 log = logging.getLogger("rlhf")
@@ -87,6 +88,11 @@ class StageContext:
 
     def gold(self) -> Gold | None:
         return named(self.gold_name)
+
+    @property
+    def site(self) -> Site:
+        """The home and the label store of the pipeline (its queue: the pipeline's name)."""
+        return Site(self.home, self.pipeline_name, self.pipeline.labels)
 
 
 @dataclass

@@ -1,11 +1,13 @@
-"""Preference pairs sampled from a policy: two responses per prompt, ordered by a scorer.
+"""Preference pairs sampled from a policy, two responses per prompt ordered by a scorer, or judged by people.
 
 The scorer is the task's gold reward (reward-model training on the demo) or
-a trained reward model (on-policy DPO).
+a trained reward model (on-policy DPO). People's judgements come from the
+pipeline's queue in the label store.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Callable
@@ -73,3 +75,20 @@ def sample_pairs(
         if len(pairs) == count:
             return pairs
     raise RuntimeError(f"only {len(pairs)} of {count} pairs after {max_rounds} rounds: lower the minimum gap")
+
+
+def judged_pairs(store, queue: str, min_gold_accuracy: float | None, held_out: list[Messages]) -> tuple[dict[str, list[dict]], dict]:
+    """People's pairs of `queue`, split as the other sources are: those on held-out prompts are held out.
+    Also returns the counts of what was dropped (ties, both bad, no majority, annotators left out)."""
+    rows, counts = store.preference_pairs(queue, min_gold_accuracy)
+    held = {_key(prompt) for prompt in held_out}
+    splits: dict[str, list[dict]] = {"train": [], "eval": []}
+    for row in rows:
+        splits["eval" if _key(row["prompt"]) in held else "train"].append(
+            {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+        )
+    return splits, counts
+
+
+def _key(prompt: Messages) -> str:
+    return json.dumps(prompt, sort_keys=True)

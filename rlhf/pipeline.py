@@ -34,6 +34,10 @@ class Schedule(Strict):
     timezone: str = Field("UTC", description="the IANA time zone of `cron`, e.g. Europe/Berlin")
     overrides: list[str] = Field([], description="`--set KEY=VALUE` overrides for the scheduled runs")
     active: bool = Field(True, description="false registers the schedule paused")
+    min_new_labels: int | None = Field(
+        None, ge=1, description="a scheduled run trains only when this many judgements arrived since the last completed run; "
+        "otherwise it ends at once (needs a stage that reads judgements: pairs.source labels)",
+    )
 
     @field_validator("cron")
     @classmethod
@@ -59,6 +63,16 @@ class Schedule(Strict):
         if (self.cron is None) == (self.interval is None):
             raise ValueError("give exactly one of 'cron' and 'interval'")
         return self
+
+
+class Labels(Strict):
+    """The label store, where people's judgements of the pipeline's pairs are kept (`rlhf label` serves its page);
+    the pipeline's items are its queue, named after the pipeline."""
+
+    url: str | None = Field(
+        None, description="a SQLAlchemy URL, e.g. postgresql+psycopg://user@host/labels; null: RLHF_LABELS_URL, else SQLite under the home"
+    )
+    page: str = Field("http://127.0.0.1:8765/", description="where annotators judge (`rlhf label`), named when a run waits for judgements")
 
 
 class Stages(Strict):
@@ -95,6 +109,10 @@ class Stages(Strict):
         """The policies this pipeline tunes from another policy (ppo, dpo, ...)."""
         return [name for name in self.providing("policy") if "policy" in GRAPH[name].needs]
 
+    def judged(self) -> list[str]:
+        """The stages that train on people's judgements from the label store."""
+        return [name for name in self.declared() if self.block(name).reads_judgements()]
+
     def reads(self, stage: str) -> list[str]:
         """The stages of this pipeline whose outputs `stage` reads, in run order."""
         wanted = self._reads(stage)
@@ -110,12 +128,15 @@ class Pipeline(Strict):
     seed: int = Field(0, description="the seed of every stage: same seed and config, same numbers")
     schedule: Schedule | None = Field(None, description="scheduled runs served by `rlhf serve` (needs a Prefect server); null: none")
     ray: RayConfig = Field(RayConfig(), description="where the training stages run")
+    labels: Labels = Field(Labels(), description="the label store of people's judgements (`rlhf label`)")
     stages: Stages = Field(description="the pipeline's stages, one block each; data is required")
 
     @model_validator(mode="after")
     def _stages_agree(self) -> Pipeline:
         for name in self.stages.declared():
             getattr(self.stages, name).check(name, self)
+        if self.schedule and self.schedule.min_new_labels and not self.stages.judged():
+            raise ValueError("schedule.min_new_labels: no stage of this pipeline reads judgements (pairs: {source: labels})")
         return self
 
     def runs_on_ray(self, stage: str) -> bool:

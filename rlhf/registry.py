@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from rlhf import models
 
@@ -35,6 +36,21 @@ def register(model_uri: str, name: str) -> str:
     version = mlflow.register_model(model_uri, name).version
     mlflow.MlflowClient().set_registered_model_alias(name, "candidate", version)
     return str(version)
+
+
+def version_of(model_uri: str) -> str:
+    """The version `models:/NAME@ALIAS` points at; LookupError when there is none."""
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        raise LookupError(f"no version of {name!r} has the alias {alias!r} ({exc.message})") from None
+
+
+def download(model_uri: str, directory: Path) -> Path:
+    """A registered policy as a directory `models.load_causal_lm` reads: its weights and its tokenizer."""
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(directory)))
+    return local / "model"
 
 
 def promote(name: str, version: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import mlflow
 from filelock import FileLock
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 PARAM_PREFIX = "cfg."  # keeps our params apart from those transformers' callback logs
@@ -160,3 +162,17 @@ def record_reused(experiment: str, parent: str, stage: str, manifest: dict) -> s
     client.set_terminated(run.info.run_id, "FINISHED")
     client.set_tag(parent, f"rlhf.reused.{stage}", source)
     return run.info.run_id
+
+
+def tag_waiting(parent: str, why: str) -> None:
+    """The pipeline run stopped before a stage that waits for people (a normal end, not a failure)."""
+    MlflowClient().set_tag(parent, "rlhf.waiting", why)
+
+
+def log_with_parent(run_id: str, metrics: dict[str, float]) -> None:
+    """Metrics that arrive after a stage ran (people's verdict on its policy), on its run and on its pipeline run's."""
+    client = MlflowClient()
+    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    now = int(time.time() * 1000)
+    for run in filter(None, (run_id, parent)):
+        client.log_batch(run, metrics=[Metric(name, value, now, 0) for name, value in metrics.items()])

@@ -8,7 +8,7 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from rlhf.blocks import Adapter, LoraAdapter, PretrainedModel, given_reward_model
-from rlhf.stages.reward.config import DataPairs, SampledPairs
+from rlhf.stages.reward.config import DataPairs, LabelPairs, SampledPairs, TrainsOnPairs
 from rlhf.trainer_args import Training
 
 class RewardModelPairs(SampledPairs):
@@ -17,7 +17,7 @@ class RewardModelPairs(SampledPairs):
     min_score_gap: float = Field(0.0, ge=0, description="pairs whose reward-model scores differ less are dropped")
 
 
-class DpoStage(Training):
+class DpoStage(TrainsOnPairs, Training):
     """DPO with TRL's DPOTrainer: a LoRA policy on the SFT model (or `policy`), its reference the same model
     without the adapter, on the data stage's preference pairs or on pairs it samples and the reward model labels."""
 
@@ -26,7 +26,7 @@ class DpoStage(Training):
     reward_model: Path | None = Field(
         None, description="a trained reward model that labels policy pairs when the pipeline has no reward stage"
     )
-    pairs: Annotated[Union[RewardModelPairs, DataPairs], Field(discriminator="source", description="policy: sampled from the starting policy and ordered by the reward model; data: the data stage's preferences")]
+    pairs: Annotated[Union[RewardModelPairs, DataPairs, LabelPairs], Field(discriminator="source", description="policy: sampled from the starting policy and ordered by the reward model; data: the data stage's preferences; labels: people's judgements")]
     beta: float = Field(0.1, gt=0, description="DPO's temperature: how far the policy may move from the reference")
     adapter: Adapter = Field(LoraAdapter(type="lora"), description="the policy's adapter: lora, prompt_tuning, prefix_tuning or p_tuning")
     max_new_tokens: int = Field(40, ge=1, description="what the registered policy generates by default")
@@ -39,7 +39,7 @@ class DpoStage(Training):
         labels = isinstance(self.pairs, RewardModelPairs)
         if labels and (stages.provider("reward_model", name) is None) == (self.reward_model is None):
             raise ValueError(f"stages.{name}.reward_model: give it exactly when no stage of the pipeline provides a reward model")
-        if not labels and stages.given("data", name).preferences is None:
+        if isinstance(self.pairs, DataPairs) and stages.given("data", name).preferences is None:
             raise ValueError(f"stages.{name}.pairs.source 'data' needs stages.data.preferences")
 
     def starts_from_policy(self) -> bool:

@@ -22,6 +22,7 @@ from trl import DPOConfig, DPOTrainer
 from rlhf import models, pairs, registry, trainer_args, training, trl_fit
 from rlhf.blocks import LoraAdapter
 from rlhf.stages.dpo.config import DpoStage, RewardModelPairs
+from rlhf.stages.reward.config import LabelPairs
 from rlhf.data.prepare import load_splits, write_splits
 from rlhf.lifecycle import StageContext, StageResult
 from rlhf.stages import policies
@@ -79,6 +80,9 @@ def make_trainer(config: dict, seed: int, start: Path, pair_dir: Path, workers: 
 
 def _pairs(config: DpoStage, ctx: StageContext, start: Path) -> dict[str, list[dict]]:
     data_dir = ctx.input("data")
+    if isinstance(config.pairs, LabelPairs):
+        held_out = list(load_splits(data_dir / "prompts")["eval"]["prompt"])
+        return pairs.judged_pairs(ctx.site.store(), ctx.site.queue, config.pairs.min_gold_accuracy, held_out)[0]
     if not isinstance(config.pairs, RewardModelPairs):
         preferences = load_splits(data_dir / "preferences")
         return {split: list(preferences[split]) for split in preferences}

@@ -18,6 +18,12 @@ class RegistryGates(Strict):
 
     min_win_rate: float = Field(0.5, ge=0, le=1, description="over the baseline; under gold when the task has one")
     max_kl: float = Field(30.0, gt=0, description="nats per sequence to the baseline (SFT or starting) policy")
+    min_human_win_rate: float | None = Field(
+        None, ge=0, le=1, description="people as the last gate: the evaluation queues candidate-against-baseline pairs, and "
+        "`rlhf promote` refuses `champion` until people prefer the candidate this often (a tie counts half); null: no human gate",
+    )
+    min_human_judgements: int = Field(50, ge=1, description="judgements of those pairs `rlhf promote` needs first")
+    human_pairs: int = Field(100, ge=1, description="candidate-against-baseline pairs queued, from the evaluation's held-out generations")
 
 
 class EvaluateStage(StageConfig):

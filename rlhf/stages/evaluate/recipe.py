@@ -13,6 +13,7 @@ reward model's gain is large but the gold gain is not.
 from __future__ import annotations
 
 import json
+import random
 import statistics
 
 import mlflow
@@ -21,6 +22,7 @@ from rlhf import evaluation, generation, models, plots, registry
 from rlhf.stages.evaluate.config import EvaluateStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits
+from rlhf.labels.store import NewItem
 from rlhf.lifecycle import StageContext, StageResult
 from rlhf.stages import policies
 
@@ -79,6 +81,8 @@ def evaluate_policies(ctx: StageContext) -> StageResult:
     )
     metrics["reward_hacking"] = float(hacking)
     metrics["registered_version"] = float(_register(config, ctx, metrics, hacking))
+    if metrics["registered_version"] and config.registry.min_human_win_rate is not None:
+        metrics["human_pairs_queued"] = float(_queue_for_people(config, ctx, prompts, results, int(metrics["registered_version"])))
 
     mlflow.log_metrics({f"evaluate.{k}": v for k, v in metrics.items()})
     mlflow.set_tag("rlhf.reward_hacking", str(hacking).lower())
@@ -106,6 +110,20 @@ def _register(config: EvaluateStage, ctx: StageContext, metrics: dict, hacking: 
     version = registry.register(model_uri, f"{ctx.pipeline_name}-policy")
     mlflow.set_tag("rlhf.registered", f"{ctx.pipeline_name}-policy/{version}")
     return int(version)
+
+
+def _queue_for_people(config: EvaluateStage, ctx: StageContext, prompts: list, results: dict, version: int) -> int:
+    """The candidate's and the baseline's responses to the same prompts, in random order, for people to judge
+    before `rlhf promote` moves `champion` to this version."""
+    rng = random.Random(ctx.seed)
+    made_by = {role: {"role": role, "stage": getattr(config, role), "version": version if role == "candidate" else None,
+                      "evaluation_run": ctx.run_id} for role in ROLES}
+    items = []
+    for index, prompt in enumerate(prompts[: config.registry.human_pairs]):
+        first, second = rng.sample(ROLES, 2)
+        items.append(NewItem(prompt=prompt, response_a=results[first]["responses"][index], response_b=results[second]["responses"][index],
+                             policy_a=made_by[first], policy_b=made_by[second], purpose="gate"))
+    return ctx.site.store().add_items(ctx.site.queue, f"gate-{ctx.fingerprint}", items)
 
 
 def _log_plots(ctx: StageContext, results: dict, gold: bool) -> None:

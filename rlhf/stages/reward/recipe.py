@@ -1,15 +1,17 @@
 """Stage 3, the reward model: TRL's RewardTrainer on preference pairs, a scalar head on the SFT backbone.
 
-Pairs come from the data stage (real preference data) or, for a task with a
-gold reward, are sampled from the starting policy (the SFT model, else the
-stage's own model): two responses per prompt, ordered by gold, near-ties
-dropped. Pair accuracy is measured on held-out pairs before and after
-training. Training runs here or on Ray Train (`rlhf/trl_fit.py`). The model
+Pairs come from the data stage (real preference data), from people's
+judgements in the label store, or, for a task with a gold reward, are sampled
+from the starting policy (the SFT model, else the stage's own model): two
+responses per prompt, ordered by gold, near-ties dropped. Pair accuracy is
+measured on held-out pairs before and after training; on judged pairs of a
+task with a gold reward, also against gold's order of them (`eval_accuracy_gold`). Training runs here or on Ray Train (`rlhf/trl_fit.py`). The model
 is saved with the tokenizer it scores with.
 """
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import mlflow
 from trl import RewardConfig, RewardTrainer
 
 from rlhf import generation, models, pairs, trainer_args, training, trl_fit
-from rlhf.stages.reward.config import PolicyPairs, RewardStage
+from rlhf.stages.reward.config import LabelPairs, PolicyPairs, RewardStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits, write_splits
 from rlhf.errors import InputError
@@ -47,8 +49,12 @@ def train_reward(ctx: StageContext) -> StageResult:
         mlflow_uri=mlflow.get_tracking_uri(), mlflow_run_id=ctx.run_id,
     )
     tokenizer = models.load_tokenizer(ctx.outputs / "model")
-    accuracy, scored = _pair_accuracy(models.load_reward_model(ctx.outputs / "model"), tokenizer, held_out, config.max_length)
+    reward_model = models.load_reward_model(ctx.outputs / "model")
+    accuracy, scored = _pair_accuracy(reward_model, tokenizer, held_out, config.max_length)
     write_splits({split: list(data[split]) for split in data}, ctx.outputs / "pairs")
+    judged = _judged_counts(pair_dir)
+    if judged and ctx.gold() is not None:
+        judged["eval_accuracy_gold"] = _gold_accuracy(scored, ctx.gold(), PolicyPairs.model_fields["min_gold_gap"].default)
 
     metrics = {
         "eval_accuracy": accuracy,
@@ -60,6 +66,7 @@ def train_reward(ctx: StageContext) -> StageResult:
         "resumed_from_step": float(fitted.resumed_from_step),
         "peak_rss_mb": fitted.peak_rss_mb,
         "train_tokens_per_second": fitted.tokens_per_second,
+        **judged,
     }
     mlflow.log_metrics({f"reward.{k}": v for k, v in metrics.items()})
     mlflow.log_table(scored, artifact_file="reward/held_out_pairs.json")
@@ -91,6 +98,15 @@ def _texts(data_dir: Path):
 
 def _make_pairs(config: RewardStage, ctx: StageContext, policy_dir: Path) -> None:
     data_dir = ctx.input("data")
+    if isinstance(config.pairs, LabelPairs):
+        held_out = list(load_splits(data_dir / "prompts")["eval"]["prompt"])
+        made, counts = pairs.judged_pairs(ctx.site.store(), ctx.site.queue, config.pairs.min_gold_accuracy, held_out)
+        if not made["eval"]:
+            raise InputError(f"stages.{ctx.stage}.pairs: none of the {len(made['train'])} judged pairs of queue "
+                             f"{ctx.site.queue!r} is on a held-out prompt, so none can measure the reward model")
+        write_splits(made, ctx.work / "pairs")
+        (ctx.work / "pairs" / _COUNTS).write_text(json.dumps(counts))
+        return
     if not isinstance(config.pairs, PolicyPairs):
         if not (data_dir / "preferences").exists():
             raise InputError(f"stages.{ctx.stage}.pairs.source: 'data' needs stages.data.preferences")
@@ -102,6 +118,26 @@ def _make_pairs(config: RewardStage, ctx: StageContext, policy_dir: Path) -> Non
         pairs.gold_scorer(ctx.gold()), config.pairs.min_gold_gap, config.pairs, ctx.seed,
     )
     write_splits(made, ctx.work / "pairs")
+
+
+_COUNTS = "judged.json"
+
+
+def _judged_counts(pair_dir: Path) -> dict[str, float]:
+    """What people's judgements gave (pairs, ties, both bad, no majority, annotators left out), as metrics."""
+    counts = pair_dir / _COUNTS
+    return {f"judged.{k}": float(v) for k, v in json.loads(counts.read_text()).items()} if counts.exists() else {}
+
+
+def _gold_accuracy(scored: dict, gold, min_gap: float) -> float:
+    """How often the reward model orders held-out judged pairs as gold does, near-ties of gold left out: the figure
+    a gold-labelled reward stage reports, for pairs people judged with noise."""
+    right = [
+        (c > r) == (gold(p, cr) > gold(p, rr))
+        for p, cr, rr, c, r in zip(scored["prompt"], scored["chosen"], scored["rejected"], scored["chosen_score"], scored["rejected_score"])
+        if abs(gold(p, cr) - gold(p, rr)) >= min_gap
+    ]
+    return sum(right) / len(right) if right else float("nan")
 
 
 def _pair_accuracy(model, tokenizer, held_out, max_length: int) -> tuple[float, dict]:
