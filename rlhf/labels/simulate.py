@@ -57,8 +57,10 @@ def simulate(base_url: str, tokens: list[str], gold: Gold, temperature: float = 
              think_ms: float = 0.0, timeout: float = 30.0) -> dict:
     """Judge until `limit` judgements are acknowledged, `seconds` pass, or no annotator has anything left.
 
-    Worker i judges with tokens[i % len(tokens)]. The result holds the acknowledged judgement ids, so a
-    caller can check every one of them is in the database.
+    Worker i judges in turn as each of tokens[i], tokens[i + concurrency], ... (with fewer tokens than
+    workers, several workers share one). One worker judging as every annotator in turn is deterministic,
+    for a given seed and server seed: how a pipeline simulates its people. The result holds the
+    acknowledged judgement ids, so a caller can check every one of them is in the database.
     """
     if not tokens:
         raise ValueError("simulate needs at least one annotator token")
@@ -69,8 +71,8 @@ def simulate(base_url: str, tokens: list[str], gold: Gold, temperature: float = 
 async def _simulate(base_url, tokens, gold, temperature, seed, limit, seconds, concurrency, think_ms, timeout) -> dict:
     started = time.monotonic()
     tally = _Tally(limit, started + seconds if seconds is not None else math.inf)
-    workers = [_worker(base_url, tokens[i % len(tokens)], gold, temperature, random.Random(f"{seed}/{i}"),
-                       think_ms, timeout, tally) for i in range(concurrency)]
+    workers = [_worker(base_url, tokens[i::concurrency] or [tokens[i % len(tokens)]], gold, temperature,
+                       random.Random(f"{seed}/{i}"), think_ms, timeout, tally) for i in range(concurrency)]
     await asyncio.gather(*workers)
     elapsed = time.monotonic() - started
     return {
@@ -89,10 +91,13 @@ async def _simulate(base_url, tokens, gold, temperature, seed, limit, seconds, c
     }
 
 
-async def _worker(base_url, token, gold, temperature, rng, think_ms, timeout, tally: _Tally) -> None:
-    headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout) as client:
-        while tally.reserve():
+async def _worker(base_url, tokens, gold, temperature, rng, think_ms, timeout, tally: _Tally) -> None:
+    """Judges as each of `tokens` in turn, until none of them has anything left or the tally says stop."""
+    clients = [httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {t}"}, timeout=timeout) for t in tokens]
+    try:
+        turn = 0
+        while clients and tally.reserve():
+            client = clients[turn % len(clients)]
             try:
                 item = await _next(client)
             except httpx.TransportError:
@@ -100,10 +105,12 @@ async def _worker(base_url, token, gold, temperature, rng, think_ms, timeout, ta
                 tally.unanswered += 1
                 await asyncio.sleep(0.1)  # a restarting server: try again shortly, as a person would
                 continue
-            if item is None:
+            if item is None:  # this annotator has judged everything it may
                 tally.reserved -= 1
-                tally.finished += 1
-                return
+                clients.remove(client)
+                await client.aclose()
+                continue
+            turn += 1
             shown = time.monotonic()
             choice, against = decide(gold, item, temperature, rng)
             await asyncio.sleep(think_ms / 1000)
@@ -127,6 +134,11 @@ async def _worker(base_url, token, gold, temperature, rng, think_ms, timeout, ta
             else:
                 tally.ordered += 1
                 tally.against_gold += against
+        if not clients:
+            tally.finished += 1
+    finally:
+        for client in clients:
+            await client.aclose()
 
 
 async def _next(client: httpx.AsyncClient) -> dict | None:
