@@ -10,14 +10,17 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -52,6 +55,11 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _admin(url: str) -> str:
+    """psycopg's URL of the cluster's `postgres` database, from the store's URL of another."""
+    return make_url(url).set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+
+
 @pytest.fixture(scope="session")
 def postgres() -> str:
     """The URL of the `labels` database of a PostgreSQL started by infra/local-up; stopped by infra/local-down."""
@@ -64,7 +72,11 @@ def postgres() -> str:
         up = subprocess.run([ROOT / "infra" / "local-up", "postgres", "--dir", directory],
                             capture_output=True, text=True, env=env, timeout=300)
         assert up.returncode == 0, up.stderr[-3000:]
-        yield dict(re.findall(r"^export (\w+)=(\S+)$", up.stdout, re.M))["RLHF_LABELS_URL"]
+        url = dict(re.findall(r"^export (\w+)=(\S+)$", up.stdout, re.M))["RLHF_LABELS_URL"]
+        with psycopg.connect(_admin(url), autocommit=True) as connection:  # a throw-away cluster: stopping it need not flush
+            connection.execute("ALTER SYSTEM SET fsync = off")
+            connection.execute("SELECT pg_reload_conf()")
+        yield url
     finally:
         down = subprocess.run([ROOT / "infra" / "local-down", "postgres", "--dir", directory],
                               capture_output=True, text=True, env=env, timeout=120)
@@ -77,16 +89,13 @@ def new_url(request, tmp_path):
     """Makes URLs of fresh, empty databases of the backend under test."""
     if request.param == "sqlite":
         return lambda: f"sqlite:///{tmp_path / uuid.uuid4().hex}/labels.db"
-    import psycopg
-
-    labels = make_url(request.getfixturevalue("postgres"))
+    labels = request.getfixturevalue("postgres")
 
     def fresh() -> str:
         name = f"labels_{uuid.uuid4().hex[:16]}"
-        admin = labels.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-        with psycopg.connect(admin, autocommit=True) as connection:
+        with psycopg.connect(_admin(labels), autocommit=True) as connection:
             connection.execute(f'CREATE DATABASE "{name}"')
-        return labels.set(database=name).render_as_string(hide_password=False)
+        return make_url(labels).set(database=name).render_as_string(hide_password=False)
 
     return fresh
 
@@ -350,6 +359,22 @@ def test_preference_pairs_majorities_ties_both_bad_and_gold_filtering(store):
     # ann/bob share i1..i4: observed 2/4; chance (A: 2x1 + tie: 1x1) / 16 = 3/16; kappa = (1/2 - 3/16) / (13/16)
     assert ann_bob["items"] == 4 and ann_bob["kappa"] == pytest.approx(5 / 13)
     assert stats["agreement"]["overlapping_items"] == 5
+
+
+def test_an_acknowledged_judgement_survives_kill_9_of_its_process(store):
+    people = _people(store, "ann")
+    store.add_items("q", "b1", _items(1))
+    script = (
+        "import os, signal, sys\n"
+        "from rlhf.labels.store import LabelStore\n"
+        "print(LabelStore(sys.argv[1]).judge(int(sys.argv[2]), int(sys.argv[3]), 'A'), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    url = store.engine.url.render_as_string(hide_password=False)
+    killed = subprocess.run([sys.executable, "-c", script, url, str(people["ann"]), str(_ids(store, "q")[0])],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [row["id"] for row in store.judgements("q")] == [int(killed.stdout)]
 
 
 def test_two_annotators_in_two_threads_each_lose_nothing_and_racing_duplicates_are_refused(store):

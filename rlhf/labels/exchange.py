@@ -147,7 +147,10 @@ def _read_label_studio(path: Path, queue: str | None) -> tuple[list[Record], int
             here = f"{where}, annotation {count}"
             if not isinstance(annotation, dict) or not isinstance(annotation.get("result"), list):
                 raise InputError(f"{here}: expected an object with a result list")
-            choice, comment = (None, None) if annotation.get("was_cancelled") else _label_studio_result(here, annotation["result"])
+            if annotation.get("was_cancelled"):
+                empty += 1
+                continue
+            choice, comment = _label_studio_result(here, annotation["result"])
             if choice is None:
                 empty += 1
                 continue

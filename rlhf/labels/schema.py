@@ -51,7 +51,7 @@ class ItemRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     queue: Mapped[str] = mapped_column(String(200))
     batch: Mapped[str] = mapped_column(String(200))
-    content_key: Mapped[str] = mapped_column(String(64))  # sha256 of (prompt, response_a, response_b): what an import deduplicates on
+    content_key: Mapped[str] = mapped_column(String(64))  # sha256 of (prompt, response_a, response_b): imports deduplicate on it
     prompt: Mapped[str] = mapped_column(Text)
     response_a: Mapped[str] = mapped_column(Text)
     response_b: Mapped[str] = mapped_column(Text)

@@ -160,7 +160,7 @@ class LabelStore:
         self.sqlite = self.url.get_backend_name() == "sqlite"
         if self.sqlite:
             if not self.url.database or self.url.database == ":memory:":
-                raise ValueError(f"{url}: the label store needs a database file (each connection to :memory: is another database)")
+                raise ValueError(f"{url}: the label store needs a file (each connection to :memory: is another database)")
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_engine(self.url)
             event.listen(self.engine, "connect", _sqlite_connect)
@@ -168,7 +168,7 @@ class LabelStore:
         else:
             self.engine = create_engine(self.url, pool_pre_ping=True)
         self._writes = sessionmaker(self.engine, expire_on_commit=False)
-        self._reads = sessionmaker(self.engine.execution_options(read_only=True), expire_on_commit=False)
+        self._reads = sessionmaker(self.engine.execution_options(label_store_reads=True), expire_on_commit=False)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -194,9 +194,10 @@ class LabelStore:
     # ------------------------------------------------------------ annotators
 
     def add_annotator(self, name: str, owner: bool = False) -> str:
-        """A new token for `name` (created when new; an existing one's old token stops working, its owner flag is set to `owner`).
+        """A new token for `name`, created when new; an existing annotator's old token stops working.
 
-        Only the token's sha256 is kept: whoever reads the database cannot log in with it.
+        The owner flag is set to `owner` either way. Only the token's sha256 is kept: whoever reads
+        the database cannot log in with it.
         """
         if not name or len(name) > 200 or name != name.strip():
             raise LabelError(f"an annotator's name is 1 to 200 characters without surrounding spaces, not {name!r}")
@@ -217,9 +218,10 @@ class LabelStore:
     # ------------------------------------------------------------ items
 
     def add_items(self, queue: str, batch: str, items: list[NewItem]) -> int:
-        """Adds the batch in one transaction, or nothing when `batch` is already in `queue` (a rerun of the stage that proposed it).
+        """Adds the batch in one transaction, or nothing when `batch` is already in `queue`.
 
-        Returns the number of items the batch holds either way.
+        A rerun of the stage that proposed the batch so adds nothing twice. Returns the number of
+        items the batch holds either way.
         """
         for item in items:
             check_item(item)
@@ -234,7 +236,9 @@ class LabelStore:
         except IntegrityError:
             pass  # another process added this batch at the same moment: it holds the items
         with self._reads.begin() as session:
-            return session.scalar(select(func.count()).select_from(ItemRow).where(ItemRow.queue == queue, ItemRow.batch == batch))
+            return session.scalar(
+                select(func.count()).select_from(ItemRow).where(ItemRow.queue == queue, ItemRow.batch == batch)
+            )
 
     def next_item(
         self,
@@ -305,9 +309,11 @@ class LabelStore:
             return _item(found[1])
 
     def progress(self, annotator_id: int, queue: str) -> dict:
-        """`judged`: this annotator's judgements in the queue (gold checks included); `remaining`: ordinary items they could still be given."""
+        """`judged`: this annotator's judgements in the queue, gold checks included; `remaining`: ordinary items still for them."""
         with self._reads.begin() as session:
-            judged = session.scalar(_in_queue(select(func.count(JudgementRow.id)), queue).where(JudgementRow.annotator_id == annotator_id))
+            judged = session.scalar(
+                _in_queue(select(func.count(JudgementRow.id)), queue).where(JudgementRow.annotator_id == annotator_id)
+            )
             remaining = session.scalar(select(func.count()).select_from(_open_items(annotator_id, queue, ()).subquery()))
         return {"judged": judged, "remaining": remaining}
 
@@ -373,7 +379,10 @@ class LabelStore:
                 key = (record.queue, _content_key(record))
                 if key not in items:
                     item_id = session.scalar(
-                        select(ItemRow.id).where(ItemRow.queue == key[0], ItemRow.content_key == key[1]).order_by(ItemRow.id).limit(1)
+                        select(ItemRow.id)
+                        .where(ItemRow.queue == key[0], ItemRow.content_key == key[1])
+                        .order_by(ItemRow.id)
+                        .limit(1)
                     )
                     if item_id is None:
                         new = _as_new_item(record, votes=len(voters[key]))
@@ -512,8 +521,9 @@ class LabelStore:
         digest = hashlib.sha256()
         with self._reads.begin() as session:
             rows = session.execute(
-                _in_queue(select(JudgementRow.id, JudgementRow.item_id, JudgementRow.annotator_id, JudgementRow.choice), queue, purpose)
-                .order_by(JudgementRow.id)
+                _in_queue(
+                    select(JudgementRow.id, JudgementRow.item_id, JudgementRow.annotator_id, JudgementRow.choice), queue, purpose
+                ).order_by(JudgementRow.id)
             )
             for row in rows:
                 digest.update(("%d,%d,%d,%s\n" % tuple(row)).encode())
@@ -521,7 +531,8 @@ class LabelStore:
 
     def count_judgements(self, queue: str, purpose: str | None = "train", after_id: int = 0) -> int:
         with self._reads.begin() as session:
-            return session.scalar(_in_queue(select(func.count(JudgementRow.id)), queue, purpose).where(JudgementRow.id > after_id))
+            query = _in_queue(select(func.count(JudgementRow.id)), queue, purpose)
+            return session.scalar(query.where(JudgementRow.id > after_id))
 
     def last_judgement_id(self, queue: str, purpose: str | None = "train") -> int:
         with self._reads.begin() as session:
@@ -558,7 +569,7 @@ def _sqlite_connect(dbapi_connection, _record) -> None:
 def _sqlite_begin(connection) -> None:
     """Writers take the write lock at BEGIN: a deferred transaction that reads, then writes after
     another writer committed, fails at once instead of waiting out busy_timeout."""
-    connection.exec_driver_sql("BEGIN" if connection.get_execution_options().get("read_only") else "BEGIN IMMEDIATE")
+    connection.exec_driver_sql("BEGIN" if connection.get_execution_options().get("label_store_reads") else "BEGIN IMMEDIATE")
 
 
 # ------------------------------------------------------------ queries and rows
@@ -582,7 +593,7 @@ def _unjudged(annotator_id: int, queue: str, exclude: Sequence[int]) -> list:
 
 
 def _open_items(annotator_id: int, queue: str, exclude: Sequence[int]):
-    """Ordinary items this annotator could be given (unjudged by them, fewer judgements than their votes), with their judgement counts."""
+    """Ordinary items this annotator could be given (unjudged by them, wanting more votes), with their judgement counts."""
     others = aliased(JudgementRow)  # apart from the one in `_unjudged`'s subquery, which must not correlate with it
     judged = func.count(others.id)
     return (
