@@ -7,6 +7,7 @@ import asyncio
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -64,8 +65,11 @@ def simulate(base_url: str, tokens: list[str], gold: Gold, temperature: float = 
     """
     if not tokens:
         raise ValueError("simulate needs at least one annotator token")
-    return asyncio.run(_simulate(base_url, tokens, gold, temperature, seed, limit, seconds,
-                                 concurrency or len(tokens), think_ms, timeout))
+    work = _simulate(base_url, tokens, gold, temperature, seed, limit, seconds, concurrency or len(tokens), think_ms, timeout)
+    # a loop of its own in a thread of its own: callers already inside an event loop (Playwright's sync API,
+    # a notebook) cannot start another in theirs
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, work).result()
 
 
 async def _simulate(base_url, tokens, gold, temperature, seed, limit, seconds, concurrency, think_ms, timeout) -> dict:
