@@ -412,7 +412,7 @@ def _filled(store: LabelStore) -> None:
     store.add_items("q", "b1", _items(3, votes=2) + _items(1, purpose="gate", tag="g") + _gold(1, "B"))
     items = _ids(store, "q")
     store.add_items("q", "b1-multi", [NewItem([{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi ü"}],
-                                              "hello", "go away", {"stage": "sft"}, {"stage": "ppo"})])
+                                              "hello\u2028there\x85", "go away", {"stage": "sft"}, {"stage": "ppo"})])
     items = _ids(store, "q")
     for name, choices in {"ann": ["A", "tie", "both_bad", "A", "B", "B"], "bob": ["B", "tie", "A", None, "A", None]}.items():
         for item, choice in zip(items, choices):
@@ -432,7 +432,7 @@ def test_export_and_import_round_trip(open_store, tmp_path, suffix):
     assert import_judgements(target, exported)["duplicates_skipped"] == 10  # a second import adds nothing
     export_judgements(source, "q", tmp_path / "source.jsonl")
     export_judgements(target, "q", tmp_path / "target.jsonl")
-    source_lines, target_lines = ((tmp_path / f"{name}.jsonl").read_text().splitlines() for name in ("source", "target"))
+    source_lines, target_lines = ((tmp_path / f"{name}.jsonl").read_text().split("\n") for name in ("source", "target"))
     if suffix == ".jsonl":
         assert target_lines == source_lines
     else:  # Label Studio groups judgements by task: the same judgements, in item order

@@ -90,7 +90,7 @@ def export_judgements(store: LabelStore, queue: str, path: Path, fmt: str | None
 
 def _read_jsonl(path: Path, queue: str | None) -> list[Record]:
     records = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
+    for number, line in enumerate(_read_text(path).split("\n"), 1):  # not splitlines(): text may hold U+2028 and the like
         if not line.strip():
             continue
         where = f"{path}: line {number}"
