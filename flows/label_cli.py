@@ -49,7 +49,8 @@ ConfigOption = Annotated[
     Optional[Path], typer.Option("--config", help="pipelines file", show_default="./pipelines.yaml, else the project's")
 ]
 FormatOption = Annotated[
-    str, typer.Option("--format", "-f", help="label-studio (Label Studio's pairwise JSON) or jsonl (one judgement per line)")
+    Optional[str],
+    typer.Option("--format", "-f", help="label-studio (Label Studio's pairwise JSON) or jsonl (one judgement a line)", show_default="by the file's suffix"),
 ]
 GoldRateOption = Annotated[
     float, typer.Option("--gold-rate", min=0.0, max=1.0, help="share of pairs shown that are gold checks with a known answer")
@@ -65,10 +66,11 @@ def _pipeline(ctx: typer.Context, pipeline: str | None, config: Path | None):
 
 
 def _store_url(home: Path, pipeline) -> str:
-    """The one place that decides which label store a pipeline uses."""
+    """The one place that decides which label store a pipeline uses: RLHF_LABELS_URL, else its `labels.url`,
+    else SQLite under the home (as the stages that read the judgements decide)."""
     from rlhf.labels.store import store_url
 
-    return store_url(home, None)
+    return store_url(home, pipeline.labels.url)
 
 
 def _shown(url: str) -> str:
@@ -148,6 +150,47 @@ def _new_annotator(store, name: str, owner: bool) -> str:
         return store.add_annotator(name, owner=owner)
     except LabelError as exc:
         raise InputError(f"add-annotator {name}: {exc}") from None
+
+
+@label_app.command("import")
+def import_file(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="judgements to read: .jsonl (one a line) or .json (Label Studio's export)")],
+    fmt: FormatOption = None,
+    pipeline: PipelineOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Import judgements into the pipeline's queue, all or none; an annotator's second judgement of a pair is skipped."""
+    from rlhf.labels.exchange import import_judgements
+
+    queue, parsed, home = _pipeline(ctx, pipeline, config)
+    with _store(home, parsed) as store:
+        counts = import_judgements(store, file, fmt, queue=queue)
+    console.print(f"{file} -> queue '{queue}': " + ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in counts.items()))
+
+
+@label_app.command("export")
+def export_file(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="where to write: .jsonl (one judgement a line) or .json (Label Studio tasks)")],
+    fmt: FormatOption = None,
+    purpose: Annotated[Optional[str], typer.Option("--purpose", help="only judgements of items for this purpose: train or gate", show_default="all")] = None,
+    pipeline: PipelineOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Export the judgements of the pipeline's queue, with their pairs, annotators, comments and times."""
+    from rlhf.labels.exchange import export_judgements
+    from rlhf.labels.store import PURPOSES
+
+    if purpose is not None and purpose not in PURPOSES:
+        raise InputError(f"--purpose {purpose}: not one of {', '.join(PURPOSES)}")
+    queue, parsed, home = _pipeline(ctx, pipeline, config)
+    with _store(home, parsed) as store:
+        try:
+            count = export_judgements(store, queue, file, fmt, purpose=purpose)
+        except OSError as exc:
+            raise InputError(f"{file}: cannot write it: {exc.strerror or exc}") from None
+    console.print(f"{count} judgements of queue '{queue}' -> {file}")
 
 
 @label_app.command()
