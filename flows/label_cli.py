@@ -1,7 +1,7 @@
 """`rlhf label`: the page where people judge pairs, its annotators, import and export, simulated annotators.
 
-A pipeline's queue is named after the pipeline. The web stack and the database driver load inside the
-commands, so `rlhf --help` stays quick.
+A pipeline's queue is named after the pipeline. The label store, the web stack and the database driver
+load inside the commands (about 1.5 s), so `rlhf --help` stays quick.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 from rlhf import home as rlhf_home
 from rlhf.config import load_pipeline
 from rlhf.errors import InputError
+from rlhf.gold import named
 
 console = Console(width=None if sys.stdout.isatty() else 120)  # as flows.cli: rich folds at 80 columns off a terminal
 
@@ -132,7 +133,7 @@ def add_annotator(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="the annotator's name, unique in the store")],
     owner: Annotated[bool, typer.Option("--owner", help="may also see /stats (judgements, gold accuracy, agreement)")] = False,
-    url: Annotated[str, typer.Option("--url", help="where the page is served, for the printed link")] = "http://127.0.0.1:8765",
+    url: Annotated[Optional[str], typer.Option("--url", help="where the page is served, for the printed link", show_default="the pipeline's labels.page")] = None,
     pipeline: PipelineOption = None,
     config: ConfigOption = None,
 ) -> None:
@@ -140,7 +141,7 @@ def add_annotator(
     _, parsed, home = _pipeline(ctx, pipeline, config)
     with _store(home, parsed) as store:
         token = _new_annotator(store, name, owner)
-    console.print(f"{url.rstrip('/')}/?token={token}", soft_wrap=True)
+    console.print(f"{(url or parsed.labels.page).rstrip('/')}/?token={token}", soft_wrap=True)
 
 
 def _new_annotator(store, name: str, owner: bool) -> str:
@@ -232,7 +233,6 @@ def simulate(
     config: ConfigOption = None,
 ) -> None:
     """Judge the pipeline's queue through the HTTP API with simulated annotators, from its task's gold reward."""
-    from rlhf.gold import named
     from rlhf.labels.server import serving
     from rlhf.labels.simulate import simulate as run_simulation
 

@@ -269,3 +269,37 @@ def test_rlhf_label_serves_the_queue_and_a_201_survives_kill_9(tmp_path):
     stats = subprocess.run([*cli, "stats", QUEUE], capture_output=True, text=True, env=env, timeout=120)
     assert stats.returncode == 0, stats.stderr
     assert "10 items (0 gold checks)" in stats.stdout and "5 judgements" in stats.stdout and "│ ann " in stats.stdout
+
+
+def test_rlhf_label_simulates_exports_and_imports(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from rlhf.errors import InputError
+
+    monkeypatch.delenv("RLHF_LABELS_URL", raising=False)
+    home = tmp_path / "home"
+    store = LabelStore(f"sqlite:///{home / 'labels.db'}")
+    store.add_items(QUEUE, "b", reviews(20, seed=4, gold_every=4))
+    store.close()
+    runner = CliRunner()
+
+    def label(*args: str):
+        return runner.invoke(app, ["--home", str(home), "label", *args])
+
+    simulated = label("simulate", QUEUE, "--annotators", "2", "--judgements", "12", "--temperature", "0")
+    assert simulated.exit_code == 0, simulated.output
+    assert "12 judgements by 2 simulated annotators" in simulated.output and "label noise 0.000" in simulated.output
+    exported = label("export", str(tmp_path / "out.jsonl"), "-p", QUEUE)
+    assert "12 judgements of queue 'demo'" in exported.output
+    imported = label("import", str(tmp_path / "out.jsonl"), "-p", "demo-human")
+    assert "judgements created 12" in imported.output, imported.output
+    with sqlite3.connect(home / "labels.db") as connection:
+        assert dict(connection.execute(
+            "SELECT queue, COUNT(*) FROM judgements JOIN items ON items.id = item_id GROUP BY queue")) == {"demo": 12, "demo-human": 12}
+    assert "add-annotator" in label("--help").output  # the group's help, not `serve --help`
+    for args, message in ((["no-such-pipeline"], "no pipeline named 'no-such-pipeline'"),
+                          (["import", str(tmp_path / "missing.jsonl")], "no such file"),
+                          (["export", str(tmp_path / "out.csv")], "cannot tell the format")):
+        refused = label(*args)
+        assert isinstance(refused.exception, InputError) and message in str(refused.exception), (args, refused.output)
