@@ -87,8 +87,6 @@ def _store(home: Path, pipeline) -> Iterator:
     from rlhf.labels.store import LabelStore
 
     url = _store_url(home, pipeline)
-    if url.startswith("sqlite:///"):
-        home.mkdir(parents=True, exist_ok=True)
     try:
         store = LabelStore(url)
     except (SQLAlchemyError, OSError) as exc:  # a wrong URL, a server that is down, a file we may not write
@@ -104,7 +102,7 @@ def serve(
     ctx: typer.Context,
     pipeline: PipelineArg = None,
     host: Annotated[str, typer.Option(help="address to bind; anything but loopback exposes the page (and its tokens, sent without TLS) to the network")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on")] = 8765,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8765,
     gold_rate: GoldRateOption = 0.1,
     seed: SeedOption = None,
     config: ConfigOption = None,
