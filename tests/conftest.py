@@ -130,6 +130,29 @@ pipelines:
       dpo: {pairs: {source: policy, count: 32, eval_count: 8, max_new_tokens: 12}, learning_rate: 0.003, batch_size: 8,
             max_steps: 8, eval_steps: 4, save_steps: 4, logging_steps: 2, eval_rows: 8}
       evaluate: *tiny-evaluate
+  tiny-human:
+    description: people in the loop at test scale; tests judge its queue through the page (tests/test_human_loop.py)
+    tracking: {experiment: tests-human}
+    seed: 0
+    ray: {num_workers: 1, cpus_per_worker: 2}
+    schedule: {cron: "0 0 1 1 *", min_new_labels: 10}  # runs are triggered by the test, never due in it
+    stages:
+      data: {instructions: {source: synthetic_reviews, examples: 600}, eval_fraction: 0.2}
+      sft: *sft
+      propose: {count: 40, eval_count: 12, overlap: 0.2, gold_checks: 4, max_new_tokens: 16}
+      reward:
+        pairs: {source: labels, count: 12}
+        learning_rate: 0.005
+        batch_size: 8
+        max_steps: 8
+        eval_steps: 4
+        save_steps: 4
+        logging_steps: 4
+      ppo: {learning_rate: 0.003, iterations: 2, batch_size: 8, epochs: 1, max_new_tokens: 12, checkpoint_every: 2}
+      evaluate:
+        prompts: 16
+        max_new_tokens: 12
+        registry: {min_win_rate: 0.0, max_kl: 1000, min_human_win_rate: 0.6, min_human_judgements: 6, human_pairs: 8}
   hh-tiny:
     description: the real-data path on the shipped HH-RLHF sample, tiny model, few steps
     tracking:

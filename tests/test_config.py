@@ -41,7 +41,7 @@ def test_overrides_parse_yaml_scalars_and_apply(project: Path):
 def test_bad_override_syntax_and_unknown_pipeline(project: Path):
     with pytest.raises(InputError, match="expected KEY=VALUE"):
         load_pipeline(project / "pipelines.yaml", "tiny", ["seed"])
-    with pytest.raises(InputError, match="no pipeline named 'nope'; defined: hh-tiny, tiny, tiny-dpo, tiny-grpo, tiny-ppo, tiny-reinforce, tiny-rlhf, tiny-rloo"):
+    with pytest.raises(InputError, match="no pipeline named 'nope'; defined: hh-tiny, tiny, tiny-dpo, tiny-grpo, tiny-human, tiny-ppo, tiny-reinforce, tiny-rlhf, tiny-rloo"):
         load_pipeline(project / "pipelines.yaml", "nope")
     with pytest.raises(InputError, match="'seed' is a value, not a section"):
         load_pipeline(project / "pipelines.yaml", "tiny", ["seed.x=1"])
