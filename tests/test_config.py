@@ -134,3 +134,30 @@ def test_batches_split_evenly_over_workers_and_ppo_minibatches(project: Path):
     assert "stages.ppo.batch_size (8) must be a multiple of ray.num_workers x stages.ppo.minibatches (8 x 2)" in str(err.value)
     _, pipeline = load_pipeline(project / "pipelines.yaml", "tiny-ppo", ["ray.num_workers=4"])
     assert pipeline.ray.num_workers == 4
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("pipelines.tiny-rlhf.schedule={cron: '0 3 * * *', min_new_labels: 5}",
+     "schedule.min_new_labels: no stage of this pipeline reads judgements (pairs: {source: labels})"),
+    ("pipelines.tiny-human.stages.propose.policy=demo-policy",
+     "stages.propose.policy: 'demo-policy' is not a registered model, models:/NAME@ALIAS"),
+    ("pipelines.tiny-human.stages.reward.pairs.min_gold_accuracy=1.5", "'pipelines.tiny-human.stages.reward.pairs.min_gold_accuracy'"),
+    ("pipelines.tiny-human.labels.bogus=1", "'pipelines.tiny-human.labels.bogus'"),
+])
+def test_the_human_loop_keys_are_checked(project: Path, override: str, expected: str):
+    name, _, key = override.partition(".")[2].partition(".")
+    with pytest.raises(InputError) as err:
+        load_pipeline(project / "pipelines.yaml", name, [key])
+    assert expected in str(err.value)
+
+
+def test_gold_checks_and_simulated_annotators_need_a_gold_reward(project: Path):
+    text = (project / "pipelines.yaml").read_text().replace(
+        "data: {instructions: {source: synthetic_reviews, examples: 600}, eval_fraction: 0.2}",
+        "data: {prompts: {source: file, path: prefs.jsonl}, eval_fraction: 0.2}")
+    (project / "pipelines.yaml").write_text(text)
+    with pytest.raises(InputError) as err:
+        load_pipeline(project / "pipelines.yaml", "tiny-human", [])
+    assert "stages.propose.gold_checks: needs the task's gold reward (stages.data.gold_reward)" in str(err.value)
+    _, pipeline = load_pipeline(project / "pipelines.yaml", "tiny-human", ["stages.propose.gold_checks=0"])
+    assert pipeline.stages.judged() == ["reward"] and pipeline.stages.present().index("propose") < pipeline.stages.present().index("reward")
