@@ -10,6 +10,7 @@ Loading it needs transformers, not this project, and runs no pickled code:
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -50,6 +51,8 @@ def version_of(model_uri: str) -> str:
 def download(model_uri: str, directory: Path) -> Path:
     """A registered policy as a directory `models.load_causal_lm` reads: its weights and its tokenizer."""
     local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(directory)))
+    for part in (local / "components" / "tokenizer").iterdir():  # the flavour keeps the tokenizer beside the weights
+        shutil.copy(part, local / "model")
     return local / "model"
 
 

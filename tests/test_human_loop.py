@@ -111,6 +111,19 @@ def test_promotion_waits_for_people_to_prefer_the_candidate(loop):
     assert sorted(str(r.data.tags.get("rlhf.stage")) for r in runs) == ["None", "evaluate"]  # the evaluation's run and its pipeline's
 
 
+def test_the_champion_proposes_the_next_pairs(loop):
+    """The loop's next round asks people about the policy that ships: the registered champion."""
+    cli, _ = loop
+    with sqlite3.connect(cli.home / "labels.db") as db:
+        [(newest,)] = db.execute("SELECT max(id) FROM items")
+    proposed = cli("run", PIPELINE, "--only", "propose", "--set", "stages.propose.policy=models:/tiny-human-policy@champion", timeout=600)
+    assert proposed.returncode == 0, proposed.stderr[-3000:]
+    with sqlite3.connect(cli.home / "labels.db") as db:
+        made_by = [json.loads(policy) for (policy,) in db.execute("SELECT policy_a FROM items WHERE id > ?", (newest,))]
+    assert len(made_by) == 40 + 12 + 4  # count, eval_count, gold_checks
+    assert all(m == {"model": "models:/tiny-human-policy@champion", "version": "1"} for m in made_by)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
