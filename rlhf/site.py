@@ -41,7 +41,7 @@ class Site:
         current reward model of a loop that retrains it as judgements arrive."""
         if stage is None:
             return None
-        found = [m for d in sorted((self.home / "runs" / self.pipeline / stage).glob("*")) if (m := StageDir(d).manifest())]
+        found = [m for d in sorted((self.home / "runs" / self.pipeline / stage).glob("*")) if d.is_dir() and (m := StageDir(d).manifest())]
         return max(found, key=lambda m: m["finished_at"], default=None)
 
     def registered_version(self, model_uri: str) -> str:

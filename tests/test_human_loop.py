@@ -124,6 +124,18 @@ def test_the_champion_proposes_the_next_pairs(loop):
     assert all(m == {"model": "models:/tiny-human-policy@champion", "version": "1"} for m in made_by)
 
 
+
+def test_uncertain_asks_about_the_pairs_the_newest_reward_model_scores_closest(loop):
+    cli, _ = loop
+    proposed = cli("run", PIPELINE, "--only", "propose", "--set", "stages.propose.select=uncertain",
+                   "--set", "stages.propose.count=10", "--set", "stages.propose.eval_count=2", timeout=600)
+    assert proposed.returncode == 0, proposed.stderr[-3000:]
+    [manifest] = [m for m in map(lambda d: json.loads((d / "manifest.json").read_text()), complete(cli.home, "propose"))
+                  if m["config"]["select"] == "uncertain"]
+    newest_reward = max((json.loads((d / "manifest.json").read_text()) for d in complete(cli.home, "reward")), key=lambda m: m["finished_at"])
+    assert manifest["inputs"]["reward_model"] == newest_reward["outputs"]["digest"]
+    assert manifest["metrics"]["score_gap_kept"] < manifest["metrics"]["score_gap_sampled"] / 2  # the closest of 4 per pair kept
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

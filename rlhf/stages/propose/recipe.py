@@ -14,6 +14,7 @@ simulated annotators then judge the queue through the page's HTTP API.
 from __future__ import annotations
 
 import random
+import statistics
 from pathlib import Path
 
 import mlflow
@@ -35,21 +36,27 @@ def propose_pairs(ctx: StageContext) -> StageResult:
     policy_dir, made_by = _policy(config, ctx)
     policy, tokenizer = models.load_causal_lm(policy_dir), models.load_tokenizer(policy_dir)
     prompts = load_splits(ctx.input("data") / "prompts")
-    keep = _closest_by_reward_model(config, ctx)
+    score_gaps = _score_gaps(config, ctx)
     rng = random.Random(ctx.seed)
 
-    items = []
+    items, sampled_gaps = [], []
     for split, count, offset in (("train", config.count, 0), ("eval", config.eval_count, 10_000)):
-        drawn = _sample(policy, tokenizer, list(prompts[split]["prompt"]), count * config.candidates if keep else count,
+        drawn = _sample(policy, tokenizer, list(prompts[split]["prompt"]), count * config.candidates if score_gaps else count,
                         config, ctx.seed + offset, split)
-        for prompt, a, b in (keep(drawn, count) if keep else drawn):
-            items.append(_item(prompt, a, b, made_by, votes=2 if rng.random() < config.overlap else 1, rng=rng))
+        gaps = score_gaps(drawn) if score_gaps else [None] * len(drawn)
+        sampled_gaps += gaps
+        chosen = sorted(range(len(drawn)), key=gaps.__getitem__)[:count] if score_gaps else range(len(drawn))
+        for i in chosen:
+            items.append(_item(*drawn[i], made_by, votes=2 if rng.random() < config.overlap else 1, rng=rng, score_gap=gaps[i]))
     items += _gold_checks(config, ctx, policy, tokenizer, list(prompts["train"]["prompt"]), made_by, rng)
 
     store = ctx.site.store()
     queued = store.add_items(ctx.site.queue, ctx.fingerprint, items)
     metrics = {"pairs": float(queued), "gold_checks": float(sum(i.gold_choice is not None for i in items)),
                "two_annotator_pairs": float(sum(i.votes > 1 for i in items))}
+    if score_gaps:  # how much closer the kept pairs are than those sampled: what `uncertain` buys
+        metrics["score_gap_kept"] = statistics.fmean(i.score_gap for i in items if i.score_gap is not None)
+        metrics["score_gap_sampled"] = statistics.fmean(sampled_gaps)
     if config.simulate is not None:
         metrics |= _simulate(config, ctx)
     metrics["queue_pending"] = float(store.stats(ctx.site.queue)["queue"]["pending"])
@@ -83,9 +90,9 @@ def _sample(policy, tokenizer, prompts: list[Messages], count: int, config: Prop
     raise RuntimeError(f"only {len(found)} of {count} {split} pairs with two different responses after {max_rounds} rounds")
 
 
-def _closest_by_reward_model(config: ProposeStage, ctx: StageContext):
-    """For `uncertain`: a function keeping the `n` pairs the reward model scores closest; None for `random`, or
-    while the pipeline has trained no reward model yet (the first round of a loop)."""
+def _score_gaps(config: ProposeStage, ctx: StageContext):
+    """For `uncertain`: a function giving the reward model's score gap of each sampled pair (the smallest are kept);
+    None for `random`, or while the pipeline has trained no reward model yet (the first round of a loop)."""
     if config.select == "random":
         return None
     newest = ctx.site.newest(config._reward_stage)
@@ -95,12 +102,11 @@ def _closest_by_reward_model(config: ProposeStage, ctx: StageContext):
         return None
     scorer = pairs.reward_model_scorer(models.load_reward_model(reward_dir), models.load_tokenizer(reward_dir))
 
-    def keep(drawn: list, n: int) -> list:
+    def gaps(drawn: list) -> list[float]:
         scores = scorer([p for p, *_ in drawn for _ in range(2)], [r for _, a, b in drawn for r in (a, b)])
-        gaps = [abs(x - y) for x, y in zip(scores[::2], scores[1::2])]
-        return [drawn[i] for i in sorted(range(len(drawn)), key=gaps.__getitem__)[:n]]
+        return [abs(x - y) for x, y in zip(scores[::2], scores[1::2])]
 
-    return keep
+    return gaps
 
 
 def _gold_checks(config, ctx, policy, tokenizer, prompts, made_by, rng) -> list[NewItem]:
@@ -115,11 +121,13 @@ def _gold_checks(config, ctx, policy, tokenizer, prompts, made_by, rng) -> list[
     return checks
 
 
-def _item(prompt, a: str, b: str, made_by: dict, votes: int, rng: random.Random, gold_choice: str | None = None) -> NewItem:
+def _item(prompt, a: str, b: str, made_by: dict, votes: int, rng: random.Random, gold_choice: str | None = None,
+          score_gap: float | None = None) -> NewItem:
     if rng.random() < 0.5:  # whichever sample came first is A only half the time
         a, b = b, a
         gold_choice = {"A": "B", "B": "A"}.get(gold_choice)
-    return NewItem(prompt=prompt, response_a=a, response_b=b, policy_a=made_by, policy_b=made_by, votes=votes, gold_choice=gold_choice)
+    return NewItem(prompt=prompt, response_a=a, response_b=b, policy_a=made_by, policy_b=made_by, votes=votes,
+                   gold_choice=gold_choice, score_gap=score_gap)
 
 
 def _simulate(config: ProposeStage, ctx: StageContext) -> dict[str, float]:
