@@ -170,10 +170,13 @@ def prefect_server(tmp_path):
 def test_a_scheduled_run_trains_only_once_min_new_labels_judgements_arrived(loop, prefect_server):
     cli, _ = loop
     labels = store(cli.home)
-    good, bad = generate_examples(30, 1.0, seed=5), generate_examples(30, 0.0, seed=6)
-    labels.add_items(PIPELINE, "second-round", [  # pairs gold orders clearly, so each judgement is a new pair
+    good, bad = generate_examples(10, 1.0, seed=5), generate_examples(10, 0.0, seed=6)
+    labels.add_items(PIPELINE, "second-round", [  # a clear preference each, so every judgement is a new pair
         NewItem([{"role": "user", "content": g["prompt"]}], g["completion"], b["completion"], {}, {}) for g, b in zip(good, bad)
     ])
+    annotator = labels.authenticate(labels.add_annotator("second-round"))
+    with sqlite3.connect(cli.home / "labels.db") as db:
+        second_round = [item for (item,) in db.execute("SELECT id FROM items WHERE batch = 'second-round' ORDER BY id")]
     api = httpx.Client(base_url=prefect_server, timeout=30)
     serving = cli.start("serve", PIPELINE, PREFECT_API_URL=prefect_server)
     try:
@@ -188,13 +191,15 @@ def test_a_scheduled_run_trains_only_once_min_new_labels_judgements_arrived(loop
             return api.get(f"/flow_runs/{run['id']}").json()
 
         before = counts(cli.home)
-        assert cli("label", "simulate", PIPELINE, "--annotators", "1", "--judgements", "5").returncode == 0
+        for item in second_round[:5]:
+            labels.judge(annotator.id, item, "A")
         early = scheduled_run()
         assert early["state"]["type"] == "COMPLETED", serving.log.read_text()[-4000:]
         assert counts(cli.home) == before
         assert "nothing new: 5 of 10 judgements since the last completed run" in serving.log.read_text()
 
-        assert cli("label", "simulate", PIPELINE, "--annotators", "1", "--judgements", "5", "--seed", "1").returncode == 0
+        for item in second_round[5:]:
+            labels.judge(annotator.id, item, "A")
         due = scheduled_run()
         assert due["state"]["type"] == "COMPLETED", serving.log.read_text()[-4000:]
         after = counts(cli.home)
