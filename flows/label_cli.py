@@ -226,6 +226,7 @@ def simulate(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Bradley-Terry noise: P(A) = sigmoid((gold_a - gold_b) / T); 0 always follows gold")] = 0.1,
     seed: Annotated[int, typer.Option("--seed", help="seed of the simulated choices and of the serving order")] = 0,
     think_ms: Annotated[float, typer.Option("--think-ms", min=0.0, help="each annotator's pause before a decision")] = 0.0,
+    tie_margin: Annotated[float, typer.Option("--tie-margin", min=0.0, help="gold rewards closer than this are judged a tie")] = 0.0,
     url: Annotated[Optional[str], typer.Option("--url", help="judge through a page already served there (over the same store)", show_default="serve one in this process")] = None,
     gold_rate: GoldRateOption = 0.1,
     config: ConfigOption = None,
@@ -241,7 +242,8 @@ def simulate(
     with _store(home, parsed) as store:
         tokens = [_new_annotator(store, name, False) for name in _simulated_names(annotators)]
         with contextlib.nullcontext(url) if url else serving(store, queue, gold_rate=gold_rate, seed=seed) as base:
-            result = run_simulation(base, tokens, gold, temperature=temperature, seed=seed, limit=judgements, think_ms=think_ms)
+            result = run_simulation(base, tokens, gold, temperature=temperature, seed=seed, limit=judgements, think_ms=think_ms,
+                                    tie_margin=tie_margin)
     latency = result["latency_ms"]
     noise = "-" if result["noise"] is None else f"{result['noise']:.3f}"
     console.print(f"{result['judgements']} judgements by {annotators} simulated annotators in {result['seconds']:.1f} s "

@@ -224,6 +224,8 @@ def test_the_simulated_choice_follows_bradley_terry(gap, temperature):
     assert sum(against for _, against in draws) / len(draws) == pytest.approx(1 - share_a)
     assert decide(lambda prompt, response: 0.3, item, temperature, rng) == ("tie", None)
     assert decide(lambda prompt, response: gold[response], item, 0.0, rng) == ("A", False)
+    assert decide(lambda prompt, response: gold[response], item, temperature, rng, tie_margin=gap + 0.01) == ("tie", None)
+    assert decide(lambda prompt, response: gold[response], item, 0.0, rng, tie_margin=gap - 0.01) == ("A", False)
 
 
 def _free_port() -> int:

@@ -4,6 +4,7 @@ Bradley-Terry noise, so tests, demos and the load benchmark run the human loop w
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 import time
@@ -20,11 +21,13 @@ class SimulationError(Exception):
     """The server answered what a browser would not expect (a bad token, a 5xx)."""
 
 
-def decide(gold: Gold, item: dict, temperature: float, rng: random.Random) -> tuple[str, bool | None]:
-    """A choice of "A", "B" or "tie", and whether it goes against the gold order (None for a tie)."""
+def decide(gold: Gold, item: dict, temperature: float, rng: random.Random, tie_margin: float = 0.0) -> tuple[str, bool | None]:
+    """A choice of "A", "B" or "tie", and whether it goes against the gold order (None for a tie). Gold rewards
+    within `tie_margin` of each other are a tie, as people call near-equal responses (the ties of Rao and
+    Kupper's extension of Bradley-Terry)."""
     text = text_of(item["prompt"])
     gold_a, gold_b = gold(text, item["response_a"]), gold(text, item["response_b"])
-    if gold_a == gold_b:
+    if gold_a == gold_b or abs(gold_a - gold_b) < tie_margin:
         return "tie", None
     margin = (gold_a - gold_b) / temperature if temperature > 0 else math.copysign(math.inf, gold_a - gold_b)
     p_a = 1 / (1 + math.exp(-max(-700.0, min(700.0, margin))))  # exp overflows past about 709
@@ -55,7 +58,7 @@ class _Tally:
 
 def simulate(base_url: str, tokens: list[str], gold: Gold, temperature: float = 0.1, seed: int = 0,
              limit: int | None = None, seconds: float | None = None, concurrency: int | None = None,
-             think_ms: float = 0.0, timeout: float = 30.0) -> dict:
+             think_ms: float = 0.0, timeout: float = 30.0, tie_margin: float = 0.0) -> dict:
     """Judge until `limit` judgements are acknowledged, `seconds` pass, or no annotator has anything left.
 
     Worker i judges in turn as each of tokens[i], tokens[i + concurrency], ... (with fewer tokens than
@@ -65,17 +68,18 @@ def simulate(base_url: str, tokens: list[str], gold: Gold, temperature: float = 
     """
     if not tokens:
         raise ValueError("simulate needs at least one annotator token")
-    work = _simulate(base_url, tokens, gold, temperature, seed, limit, seconds, concurrency or len(tokens), think_ms, timeout)
+    choose = functools.partial(decide, gold, temperature=temperature, tie_margin=tie_margin)
+    work = _simulate(base_url, tokens, choose, seed, limit, seconds, concurrency or len(tokens), think_ms, timeout)
     # a loop of its own in a thread of its own: callers already inside an event loop (Playwright's sync API,
     # a notebook) cannot start another in theirs
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, work).result()
 
 
-async def _simulate(base_url, tokens, gold, temperature, seed, limit, seconds, concurrency, think_ms, timeout) -> dict:
+async def _simulate(base_url, tokens, choose, seed, limit, seconds, concurrency, think_ms, timeout) -> dict:
     started = time.monotonic()
     tally = _Tally(limit, started + seconds if seconds is not None else math.inf)
-    workers = [_worker(base_url, tokens[i::concurrency] or [tokens[i % len(tokens)]], gold, temperature,
+    workers = [_worker(base_url, tokens[i::concurrency] or [tokens[i % len(tokens)]], choose,
                        random.Random(f"{seed}/{i}"), think_ms, timeout, tally) for i in range(concurrency)]
     await asyncio.gather(*workers)
     elapsed = time.monotonic() - started
@@ -95,7 +99,7 @@ async def _simulate(base_url, tokens, gold, temperature, seed, limit, seconds, c
     }
 
 
-async def _worker(base_url, tokens, gold, temperature, rng, think_ms, timeout, tally: _Tally) -> None:
+async def _worker(base_url, tokens, choose, rng, think_ms, timeout, tally: _Tally) -> None:
     """Judges as each of `tokens` in turn, until none of them has anything left or the tally says stop."""
     clients = [httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {t}"}, timeout=timeout) for t in tokens]
     try:
@@ -116,7 +120,7 @@ async def _worker(base_url, tokens, gold, temperature, rng, think_ms, timeout, t
                 continue
             turn += 1
             shown = time.monotonic()
-            choice, against = decide(gold, item, temperature, rng)
+            choice, against = choose(item, rng=rng)
             await asyncio.sleep(think_ms / 1000)
             ms = round((time.monotonic() - shown) * 1000)
             sent = time.monotonic()

@@ -17,6 +17,7 @@ class SimulatedAnnotators(Strict):
 
     annotators: int = Field(3, ge=1, description="simulated annotators, sim-1 .. sim-N")
     temperature: float = Field(0.1, gt=0, description="the noise: larger is noisier; near-ties of gold are judged at random")
+    tie_margin: float = Field(0.0, ge=0, description="gold rewards closer than this are judged a tie, as people call near-equal responses")
 
 
 class ProposeStage(StageConfig):

@@ -135,5 +135,6 @@ def _simulate(config: ProposeStage, ctx: StageContext) -> dict[str, float]:
     store = ctx.site.store()
     tokens = [store.add_annotator(f"sim-{i + 1}") for i in range(config.simulate.annotators)]
     with serving(store, ctx.site.queue, seed=ctx.seed) as url:
-        result = simulate(url, tokens, ctx.gold(), config.simulate.temperature, ctx.seed, concurrency=1)
+        result = simulate(url, tokens, ctx.gold(), config.simulate.temperature, ctx.seed, concurrency=1,
+                          tie_margin=config.simulate.tie_margin)
     return {"simulated_judgements": float(result["judgements"]), "simulated_label_noise": float(result["noise"] or 0.0)}
