@@ -1,8 +1,12 @@
+import atexit
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -205,19 +209,22 @@ def project(tmp_path: Path) -> Path:
 
 
 class Cli:
-    """Runs `rlhf` as a user would: a separate process, in the project directory."""
+    """Runs `rlhf` as a user would: a separate process, in the project directory.
 
-    def __init__(self, cwd: Path, home: Path):
-        self.cwd, self.home = cwd, home
+    Its runs share one Prefect server (`prefect_api`); with `temporary_prefect` each starts Prefect's
+    temporary API instead, as a run with no PREFECT_API_URL does."""
+
+    def __init__(self, cwd: Path, home: Path, temporary_prefect: bool = False):
+        self.cwd, self.home, self.temporary_prefect = cwd, home, temporary_prefect
 
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "flows", "--home", str(self.home), *args]
 
-    @staticmethod
-    def env() -> dict[str, str]:
+    def env(self) -> dict[str, str]:
         """This process's environment without the MLflow URI that `mlflow.set_tracking_uri` exports,
         so each run uses its own home's store."""
-        return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        return env if self.temporary_prefect else env | {"PREFECT_API_URL": prefect_api()}
 
     def __call__(self, *args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -285,6 +292,46 @@ def kill_group(process: subprocess.Popen) -> None:
         except psutil.NoSuchProcess:
             pass
     process.wait(timeout=60)
+
+
+_PREFECT: dict = {}
+
+
+def prefect_api() -> str:
+    """The URL of a Prefect server that lives as long as the test session, started on first use.
+
+    Every `rlhf run` would otherwise start Prefect's temporary API (about 5 s of a run on 2 cores, and a
+    time-out when the machine is busy); tests/test_pipeline_flow.py keeps that path covered."""
+    if "url" not in _PREFECT:
+        directory = Path(tempfile.mkdtemp(prefix="rlhf-tests-prefect-"))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = subprocess.Popen(
+            [Path(sys.executable).parent / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=os.environ | {"PREFECT_HOME": str(directory)}, stdout=(directory / "server.log").open("w"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        atexit.register(_stop_prefect, server, directory)
+        url = f"http://127.0.0.1:{port}/api"
+        wait_for(lambda: _answers(url) or server.poll() is not None, 180, "the tests' Prefect server")
+        assert server.poll() is None, (directory / "server.log").read_text()[-3000:]
+        _PREFECT["url"] = url
+    return _PREFECT["url"]
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _stop_prefect(server: subprocess.Popen, directory: Path) -> None:
+    kill_group(server)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

@@ -4,18 +4,14 @@ train on them and train again exactly when new ones arrive, a scheduled run on a
 `schedule.min_new_labels`, and `rlhf promote` waits for people's verdict on the candidate."""
 
 import json
-import os
-import socket
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import mlflow
 import pytest
 
-from conftest import HH_FILE, TINY_PIPELINES, Cli, kill_group, wait_for
+from conftest import HH_FILE, TINY_PIPELINES, Cli, kill_group, prefect_api, wait_for
 from rlhf.labels.store import LabelStore, NewItem
 from rlhf.synthetic_reviews import generate_examples
 
@@ -136,38 +132,7 @@ def test_uncertain_asks_about_the_pairs_the_newest_reward_model_scores_closest(l
     assert manifest["inputs"]["reward_model"] == newest_reward["outputs"]["digest"]
     assert manifest["metrics"]["score_gap_kept"] < manifest["metrics"]["score_gap_sampled"] / 2  # the closest of 4 per pair kept
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def prefect_server(tmp_path):
-    port = _free_port()
-    log = (tmp_path / "prefect-server.log").open("w")
-    server = subprocess.Popen(
-        [Path(sys.executable).parent / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=os.environ | {"PREFECT_HOME": str(tmp_path / "prefect-server")}, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    api = f"http://127.0.0.1:{port}/api"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{api}/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return server.poll() is not None
-
-    try:
-        wait_for(healthy, 180, "the Prefect server")
-        assert server.poll() is None, (tmp_path / "prefect-server.log").read_text()[-3000:]
-        yield api
-    finally:
-        kill_group(server)
-
-
-def test_a_scheduled_run_trains_only_once_min_new_labels_judgements_arrived(loop, prefect_server):
+def test_a_scheduled_run_trains_only_once_min_new_labels_judgements_arrived(loop):
     cli, _ = loop
     labels = store(cli.home)
     good, bad = generate_examples(10, 1.0, seed=5), generate_examples(10, 0.0, seed=6)
@@ -177,8 +142,8 @@ def test_a_scheduled_run_trains_only_once_min_new_labels_judgements_arrived(loop
     annotator = labels.authenticate(labels.add_annotator("second-round"))
     with sqlite3.connect(cli.home / "labels.db") as db:
         second_round = [item for (item,) in db.execute("SELECT id FROM items WHERE batch = 'second-round' ORDER BY id")]
-    api = httpx.Client(base_url=prefect_server, timeout=30)
-    serving = cli.start("serve", PIPELINE, PREFECT_API_URL=prefect_server)
+    api = httpx.Client(base_url=prefect_api(), timeout=30)
+    serving = cli.start("serve", PIPELINE)
     try:
         wait_for(lambda: api.get(f"/deployments/name/rlhf-pipeline/{PIPELINE}").status_code == 200 or serving.poll() is not None,
                  300, "the served deployment")

@@ -8,9 +8,15 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import kill_group, preference_rows, wait_for, write_jsonl
+from conftest import Cli, kill_group, preference_rows, wait_for, write_jsonl
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cli(project: Path) -> Cli:
+    """Each run starts Prefect's temporary API, as a run with no PREFECT_API_URL does (the other tests share a server)."""
+    return Cli(project, project / "home", temporary_prefect=True)
 
 
 def manifests(home: Path, stage: str = "data") -> list[Path]:

@@ -113,7 +113,7 @@ def test_evaluation_pictures_report_and_registered_policy(reference):
         "request = {'messages': [{'role': 'user', 'content': 'Write a review of the lamp.'}], 'max_tokens': 12}\n"
         "print(json.dumps(policy.predict(request)))\n"
     )
-    done = subprocess.run([sys.executable, "-c", load], cwd="/", capture_output=True, text=True, timeout=300, env=Cli.env())
+    done = subprocess.run([sys.executable, "-c", load], cwd="/", capture_output=True, text=True, timeout=300, env=Cli(project, home).env())
     assert done.returncode == 0, done.stderr[-3000:]
     [answer] = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["choices"][0]["message"]["content"].strip() and answer["usage"]["completion_tokens"] <= 12
@@ -192,7 +192,7 @@ def test_the_dashboard_shows_the_run_through_the_rest_api(reference):
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     ui = subprocess.Popen([sys.executable, "-m", "flows", "--home", str(home), "ui", "--port", str(port)], cwd=project,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=Cli.env())
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=Cli(project, home).env())
     api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
 
     def up() -> bool:

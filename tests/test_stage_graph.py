@@ -47,7 +47,7 @@ def test_a_new_stage_is_a_recipe_a_declaration_and_yaml(project):
     def rlhf(*args):
         # the plug-in is imported before the CLI, as a user's own entry point would
         command = [sys.executable, "-c", "import toy_stage, flows.cli; flows.cli.main()", "--home", str(project / "home"), *args]
-        return subprocess.run(command, cwd=project, env=Cli.env(), capture_output=True, text=True, timeout=600)
+        return subprocess.run(command, cwd=project, env=Cli(project, project / "home").env(), capture_output=True, text=True, timeout=600)
 
     first = rlhf("run", "toy-pipeline")
     assert first.returncode == 0, first.stderr[-3000:]
