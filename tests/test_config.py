@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Cli
 from rlhf.config import load_file, load_pipeline, parse_override
 from rlhf.errors import InputError
 
@@ -80,7 +81,8 @@ def test_schedule_overrides_must_give_a_valid_pipeline(project: Path):
     assert "pipelines.tiny-ppo.schedule.overrides:" in str(err.value) and "'pipelines.tiny-ppo.stages.ppo.epochs'" in str(err.value)
 
 
-def test_serve_without_a_prefect_server_or_schedule_exits_2(cli):
+def test_serve_without_a_prefect_server_or_schedule_exits_2(project):
+    cli = Cli(project, project / "home", temporary_prefect=True)  # no PREFECT_API_URL
     no_server = cli("serve", "tiny-ppo", timeout=120)
     assert no_server.returncode == 2 and "schedules need a Prefect server" in no_server.stderr
     no_schedule = cli("serve", "tiny", timeout=120)
