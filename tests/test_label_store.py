@@ -17,15 +17,18 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
@@ -147,8 +150,10 @@ def _ids(store: LabelStore, queue: str) -> list[int]:
 def test_migration_creates_the_schema_at_head_and_reopening_changes_nothing(store):
     head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
     with store.engine.connect() as connection:
-        assert connection.scalar(text("SELECT version_num FROM alembic_version")) == head == "0001"
+        assert connection.scalar(text("SELECT version_num FROM alembic_version")) == head == "0002"
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []  # the ORM is what the migration made
+        declared, stored = _partial_indexes(connection)
+        assert declared == stored and len(stored) == 3
     people = _people(store, "ann")
     store.add_items("q", "b1", _items(2))
     store.judge(people["ann"], _ids(store, "q")[0], "A")
@@ -157,8 +162,95 @@ def test_migration_creates_the_schema_at_head_and_reopening_changes_nothing(stor
     again = LabelStore(store.engine.url.render_as_string(hide_password=False))
     try:
         assert set(inspect(again.engine).get_table_names()) == {"alembic_version", "annotators", "items", "judgements",
-                                                                 "batches", "marks"}
+                                                                 "batches", "marks", "tallies", "queues"}
         assert again.digest("q") == digest and again.count_judgements("q") == 1
+    finally:
+        again.close()
+
+
+def _partial_indexes(connection) -> tuple[dict[str, str], dict[str, str]]:
+    """The WHERE of each partial index on items, as schema.py declares it and as the database holds it,
+    without brackets, spaces or table names: compare_metadata leaves them out."""
+    backend = connection.dialect.name
+
+    def plain(where) -> str:  # PostgreSQL reflects text, SQLite a clause
+        sql = where if isinstance(where, str) else str(where.compile(dialect=connection.dialect, compile_kwargs={"literal_binds": True}))
+        return re.sub(r"[()\s]|items\.", "", sql).lower()
+
+    declared = {index.name: plain(index.dialect_options[backend]["where"]) for index in Base.metadata.tables["items"].indexes
+                if index.dialect_options[backend]["where"] is not None}
+    stored = {index["name"]: plain(index["dialect_options"][f"{backend}_where"]) for index in inspect(connection).get_indexes("items")
+              if f"{backend}_where" in index["dialect_options"]}
+    return declared, stored
+
+
+def _migrate(url: str, revision: str, direction: str = "upgrade") -> None:
+    """Alembic to `revision`, as `LabelStore` runs it but to any revision (the store goes to head)."""
+    if make_url(url).get_backend_name() == "sqlite":
+        Path(make_url(url).database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            getattr(command, direction)(config, revision)
+    finally:
+        engine.dispose()
+
+
+def test_a_store_with_judgements_at_0001_upgrades_with_their_counts_and_downgrades(new_url):
+    url = new_url()
+    _migrate(url, "0001")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO annotators (id, name, token_hash, owner, created_at) VALUES "
+                                "(1, 'ann', 'h1', false, CURRENT_TIMESTAMP), (2, 'bob', 'h2', false, CURRENT_TIMESTAMP)"))
+        for item, gold, votes in [(1, None, 2), (2, None, 2), (3, None, 1), (4, "A", 1), (5, None, 2)]:
+            connection.execute(text(
+                "INSERT INTO items (id, queue, batch, content_key, prompt, response_a, response_b, policy_a, policy_b, "
+                "purpose, gold_choice, votes, created_at) VALUES (:id, :queue, 'b1', :key, :prompt, 'a', 'b', '{}', '{}', "
+                "'train', :gold, :votes, CURRENT_TIMESTAMP)"
+            ), {"id": item, "queue": "other" if item == 5 else "q", "key": f"k{item}",
+                "prompt": json.dumps([{"role": "user", "content": f"p{item}"}]), "gold": gold, "votes": votes})
+        for annotator, item in [(1, 1), (2, 1), (1, 2), (2, 4), (1, 5)]:
+            connection.execute(text("INSERT INTO judgements (item_id, annotator_id, choice, created_at) "
+                                    "VALUES (:item, :annotator, 'A', CURRENT_TIMESTAMP)"), {"item": item, "annotator": annotator})
+    engine.dispose()
+
+    store = LabelStore(url)
+    try:
+        with store.engine.connect() as connection:
+            assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+            counts = dict(connection.execute(text("SELECT id, judgements FROM items")).all())
+            tallies = {tuple(row[:2]): row[2] for row in connection.execute(text("SELECT annotator_id, queue, judgements FROM tallies"))}
+        assert counts == {1: 2, 2: 1, 3: 0, 4: 1, 5: 1}
+        assert tallies == {(1, "q"): 2, (2, "q"): 2, (1, "other"): 1}
+        _assert_counts_are_exact(store)
+        # item 1 has its votes, 2 wants bob's, 3 nobody's yet; ann judged 1 and 2 in q (and 5 in another queue)
+        assert store.progress(1, "q") == {"judged": 2, "remaining": 1}
+        assert store.progress(2, "q") == {"judged": 2, "remaining": 2}
+        assert store.next_item(2, "q", gold_rate=0).id == 2  # started items first
+        store.judge(2, 2, "B")
+        assert store.undo(1, "q").id == 2
+        with store.engine.connect() as connection:
+            assert connection.scalar(text("SELECT judgements FROM items WHERE id = 2")) == 1
+    finally:
+        store.close()
+
+    _migrate(url, "0001", "downgrade")
+    engine = create_engine(url)
+    try:
+        assert "judgements" not in {column["name"] for column in inspect(engine).get_columns("items")}
+        assert not {"tallies", "queues"} & set(inspect(engine).get_table_names())
+        with engine.connect() as connection:
+            assert connection.scalar(text("SELECT count(*) FROM judgements")) == 5
+    finally:
+        engine.dispose()
+    again = LabelStore(url)  # and up again, counting afresh
+    try:
+        with again.engine.connect() as connection:
+            assert dict(connection.execute(text("SELECT id, judgements FROM items")).all()) == {1: 2, 2: 1, 3: 0, 4: 1, 5: 1}
     finally:
         again.close()
 
@@ -241,6 +333,8 @@ def test_judge_refuses_bad_requests_and_writes_nothing(store):
             store.judge(**request)
         assert raised.value.status == {AlreadyJudged: 409, UnknownItem: 404, Unauthorized: 401, BadJudgement: 422}[error]
     assert store.digest("q") == digest and store.last_judgement_id("q") == first
+    with store.engine.connect() as connection:
+        assert connection.scalar(text("SELECT judgements FROM items")) == 1  # the refused duplicate's count rolled back with it
     assert [(j["choice"], j["comment"], j["ms"]) for j in store.judgements("q")] == [("tie", "close", 1200)]
 
 
@@ -263,6 +357,34 @@ def test_next_item_completes_overlap_first_mixes_in_gold_and_respects_votes(stor
     assert store.next_item(people["ann"], "q", gold_rate=0, rng=rng) is None
     assert store.next_item(people["ann"], "q", gold_rate=1, rng=rng) is None  # gold checks alone do not keep a queue open
     assert store.progress(people["ann"], "q") == {"judged": 4, "remaining": 0}
+
+
+def test_next_item_and_progress_read_no_table_whole_on_sqlite(tmp_path):
+    """What the page asks on every request is read through indexes: its cost does not grow with the queue."""
+    store = LabelStore(f"sqlite:///{tmp_path}/labels.db")
+    try:
+        people = _people(store, "ann", "bob")
+        store.add_items("q", "b1", _items(30, votes=2) + _gold(3))
+        store.judge(people["ann"], _ids(store, "q")[0], "A")
+        statements = []
+
+        def record(connection, cursor, sql, parameters, *_):
+            statements.append((sql, parameters))
+
+        event.listen(store.engine, "before_cursor_execute", record)
+        store.next_item(people["bob"], "q", gold_rate=1, exclude=[5])
+        store.next_item(people["ann"], "q", gold_rate=0)  # nothing started for ann: the fresh items
+        store.progress(people["bob"], "q")
+        event.remove(store.engine, "before_cursor_execute", record)
+        with store.engine.connect() as connection:
+            plans = [row[3] for sql, parameters in statements if sql.startswith("SELECT")
+                     for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", parameters)]
+        assert plans and not [step for step in plans if step.startswith("SCAN") and step != "SCAN CONSTANT ROW"], plans
+        assert not [step for step in plans if "TEMP B-TREE" in step], plans
+        items = [step for step in plans if step.startswith("SEARCH items ")]  # by id, or only the items of one tier
+        assert items and all(re.search(r"ix_items_queue_(fresh|started|gold) |INTEGER PRIMARY KEY", step) for step in items), plans
+    finally:
+        store.close()
 
 
 def test_undo_withdraws_the_latest_judgement_and_the_digest_follows_judgements_only(store):
@@ -288,6 +410,7 @@ def test_undo_withdraws_the_latest_judgement_and_the_digest_follows_judgements_o
     assert store.digest("q") == one and store.count_judgements("q") == 1
     assert store.undo(people["ann"], "q").id == items[0]
     assert store.digest("q") == empty
+    _assert_counts_are_exact(store)
     with pytest.raises(NothingToUndo):
         store.undo(people["ann"], "q")
     store.judge(people["ann"], items[0], "A")  # the same choice again is a new judgement
@@ -404,6 +527,95 @@ def test_two_annotators_in_two_threads_each_lose_nothing_and_racing_duplicates_a
     assert store.count_judgements("q") == 75 and sorted(row["id"] for row in store.judgements("q")) == sorted(done)
 
 
+def test_counts_stay_exact_with_20_annotators_judging_and_undoing_at_once(store):
+    people = _people(store, *(f"a{n}" for n in range(20)))
+    store.add_items("q", "b1", _items(40, votes=3) + _gold(4))
+    items = _ids(store, "q")
+    errors = []
+
+    def work(name: str, seed: int):
+        rng = random.Random(seed)
+        try:
+            for _ in range(10):
+                item = store.next_item(people[name], "q", gold_rate=0.1, rng=rng)
+                target = item.id if item and rng.random() < 0.8 else rng.choice(items)  # now and then a duplicate or a full item
+                try:
+                    store.judge(people[name], target, rng.choice("AB"))
+                except AlreadyJudged:
+                    pass
+                if rng.random() < 0.25:
+                    try:
+                        store.undo(people[name], "q")
+                    except NothingToUndo:
+                        pass
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    # each annotator in a thread, four of them in two at once (two tabs: duplicates and undos race)
+    threads = [threading.Thread(target=work, args=(f"a{n % 20}", n)) for n in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    with store.engine.connect() as connection:
+        items = {row.id: row for row in connection.execute(text("SELECT id, gold_choice, votes, judgements FROM items"))}
+        judged = connection.execute(text("SELECT item_id, annotator_id FROM judgements")).all()
+    _assert_counts_are_exact(store)
+    assert len(judged) > 100
+    for annotator in people.values():  # what progress meant when it counted judgements on every call
+        mine = {item for item, who in judged if who == annotator}
+        remaining = sum(row.gold_choice is None and row.judgements < row.votes and id not in mine for id, row in items.items())
+        assert store.progress(annotator, "q") == {"judged": len(mine), "remaining": remaining}
+
+
+def test_two_undos_racing_for_one_judgement_lower_the_counts_once(store, monkeypatch):
+    ann = _people(store, "ann")["ann"]
+    store.add_items("q", "b1", _items(1, votes=2))
+    item = _ids(store, "q")[0]
+    store.judge(ann, item, "A")
+    count = store._count
+
+    def slowly(*args):  # the first undo has deleted the judgement; the second meanwhile finds it too (PostgreSQL),
+        time.sleep(0.5)  # then waits on its row, or waits to begin (SQLite)
+        count(*args)
+
+    monkeypatch.setattr(store, "_count", slowly)
+    outcomes = []
+    undos = [threading.Thread(target=lambda: outcomes.append(_outcome(store.undo, ann, "q"))) for _ in range(2)]
+    for undo in undos:
+        undo.start()
+    for undo in undos:
+        undo.join()
+    assert item in outcomes and set(outcomes) <= {item, NothingToUndo}
+    _assert_counts_are_exact(store)
+    assert store.progress(ann, "q") == {"judged": 0, "remaining": 1}
+
+
+def _assert_counts_are_exact(store: LabelStore) -> None:
+    """Each item's count, each annotator's tally in a queue and each queue's count of fresh items are what
+    counting gives."""
+    with store.engine.connect() as connection:
+        def rows(sql: str) -> list[tuple]:
+            return sorted(tuple(row) for row in connection.execute(text(sql)))
+
+        assert rows("SELECT id, judgements FROM items") == rows(
+            "SELECT items.id, count(j.id) FROM items LEFT JOIN judgements AS j ON j.item_id = items.id GROUP BY items.id")
+        assert rows("SELECT annotator_id, queue, judgements FROM tallies WHERE judgements > 0") == rows(
+            "SELECT j.annotator_id, i.queue, count(*) FROM judgements AS j JOIN items AS i ON i.id = j.item_id "
+            "GROUP BY j.annotator_id, i.queue")
+        assert rows("SELECT queue, fresh FROM queues WHERE fresh > 0") == rows(
+            "SELECT queue, count(*) FROM items WHERE gold_choice IS NULL AND judgements = 0 GROUP BY queue")
+
+
+def _outcome(call, *args):
+    """What `call` returned (an item's id), or the class of the LabelError it raised."""
+    try:
+        return call(*args).id
+    except Exception as exc:  # noqa: BLE001 - the test compares it
+        return type(exc)
+
+
 # ------------------------------------------------------------ import and export
 
 
@@ -430,6 +642,8 @@ def test_export_and_import_round_trip(open_store, tmp_path, suffix):
     assert counts == {"items_created": 6, "annotators_created": 2, "judgements_created": 10, "duplicates_skipped": 0,
                       "empty_skipped": 0}
     assert import_judgements(target, exported)["duplicates_skipped"] == 10  # a second import adds nothing
+    for store in (source, target):
+        _assert_counts_are_exact(store)
     export_judgements(source, "q", tmp_path / "source.jsonl")
     export_judgements(target, "q", tmp_path / "target.jsonl")
     source_lines, target_lines = ((tmp_path / f"{name}.jsonl").read_text().split("\n") for name in ("source", "target"))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, and_, literal_column,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 CHOICES = ("A", "B", "tie", "both_bad")
@@ -60,15 +62,32 @@ class ItemRow(Base):
     purpose: Mapped[str] = mapped_column(String(20))
     gold_choice: Mapped[str | None] = mapped_column(String(10))
     votes: Mapped[int]
+    # this item's rows in `judgements`, kept in the same transaction as every insert and delete of one, so
+    # the page's queries read an item's state from its row instead of counting judgements across the queue
+    judgements: Mapped[int] = mapped_column(default=0, server_default="0")
     score_gap: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+# Where an item stands, as the labelling page asks: an ordinary item nobody has judged yet (FRESH), one that
+# has judgements and wants more (STARTED), a gold check (GOLD). Each is the WHERE of a partial index on
+# (queue, id), and the store's queries repeat it, so that a query reads just those items, in id order.
+# The constants are literal in the SQL, not parameters: a planner can then tell the index applies.
+_ZERO = literal_column("0")
+FRESH = and_(ItemRow.gold_choice.is_(None), ItemRow.judgements == _ZERO)
+STARTED = and_(ItemRow.gold_choice.is_(None), ItemRow.judgements > _ZERO, ItemRow.judgements < ItemRow.votes)
+GOLD = ItemRow.gold_choice.is_not(None)
+Index("ix_items_queue_fresh", ItemRow.queue, ItemRow.id, sqlite_where=FRESH, postgresql_where=FRESH)
+Index("ix_items_queue_started", ItemRow.queue, ItemRow.id, sqlite_where=STARTED, postgresql_where=STARTED)
+Index("ix_items_queue_gold", ItemRow.queue, ItemRow.id, sqlite_where=GOLD, postgresql_where=GOLD)
 
 
 class JudgementRow(Base):
     __tablename__ = "judgements"
     __table_args__ = (
         UniqueConstraint("item_id", "annotator_id"),  # one judgement per person and item, whatever the callers do
-        Index("ix_judgements_annotator_id", "annotator_id"),
+        # what one annotator has judged, in item order: PostgreSQL anti-joins a queue's items with it
+        Index("ix_judgements_annotator_id", "annotator_id", "item_id"),
         CheckConstraint(f"choice IN {CHOICE_SQL}", name="choice"),
         CheckConstraint("ms IS NULL OR ms >= 0", name="ms"),
     )
@@ -80,6 +99,27 @@ class JudgementRow(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     ms: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TallyRow(Base):
+    """An annotator's count of judgements in a queue, kept like an item's count: `progress` reads it
+    instead of counting the annotator's judgements on every call."""
+
+    __tablename__ = "tallies"
+
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id", ondelete="CASCADE"), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(200), primary_key=True)
+    judgements: Mapped[int]
+
+
+class QueueRow(Base):
+    """A queue's count of FRESH items, kept like an item's count: `progress` reads it instead of counting
+    the queue's unjudged items on every call."""
+
+    __tablename__ = "queues"
+
+    queue: Mapped[str] = mapped_column(String(200), primary_key=True)
+    fresh: Mapped[int]
 
 
 class BatchRow(Base):

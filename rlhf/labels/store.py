@@ -14,7 +14,7 @@ import os
 import random
 import secrets
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,13 +23,16 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from filelock import FileLock
-from sqlalchemy import create_engine, event, func, insert, select
+from sqlalchemy import bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import aliased, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from rlhf.labels.agreement import agreement
-from rlhf.labels.schema import CHOICES, AnnotatorRow, BatchRow, ItemRow, JudgementRow, MarkRow
+from rlhf.labels.schema import (
+    CHOICES, FRESH, GOLD, STARTED, AnnotatorRow, BatchRow, ItemRow, JudgementRow, MarkRow, QueueRow, TallyRow,
+)
 
 
 MAX_COMMENT = 2000
@@ -169,6 +172,8 @@ class LabelStore:
             self.engine = create_engine(self.url, pool_pre_ping=True)
         self._writes = sessionmaker(self.engine, expire_on_commit=False)
         self._reads = sessionmaker(self.engine.execution_options(label_store_reads=True), expire_on_commit=False)
+        upsert = (sqlite if self.sqlite else postgresql).insert
+        self._add_to_tally, self._add_to_queue = _adding(upsert, TallyRow, "judgements"), _adding(upsert, QueueRow, "fresh")
         self._migrate()
 
     def _migrate(self) -> None:
@@ -233,6 +238,7 @@ class LabelStore:
                     session.flush()  # a second process adding the same batch now fails here, on the unique constraint
                     if items:
                         session.execute(insert(ItemRow), [_item_values(queue, batch, item, now) for item in items])
+                        self._count(session, {}, {}, {queue: sum(item.gold_choice is None for item in items)})
         except IntegrityError:
             pass  # another process added this batch at the same moment: it holds the items
         with self._reads.begin() as session:
@@ -255,49 +261,61 @@ class LabelStore:
         themselves). Otherwise an ordinary item: one that already has judgements but wants more comes
         first, so overlap completes; within the first `WINDOW` candidates the pick is random, so
         annotators asking at the same moment rarely collide.
+
+        Each tier is read from its partial index in id order and stops at `WINDOW` items, so the
+        cost does not grow with the queue.
         """
         rng = rng or random.Random()
+        offered = [ItemRow.queue == queue, *([ItemRow.id.not_in(list(exclude))] if exclude else [])]
+        unjudged = ~_judged_by(annotator_id)
         with self._reads.begin() as session:
-            query = _open_items(annotator_id, queue, exclude)
-            judged = query.selected_columns.judgements
-            candidates = session.execute(query.order_by(judged == 0, ItemRow.id).limit(WINDOW)).all()
+            def first(*conditions) -> list[int]:
+                return session.scalars(select(ItemRow.id).where(*offered, *conditions).order_by(ItemRow.id).limit(WINDOW)).all()
+
+            candidates = first(unjudged, STARTED) or first(FRESH)  # nobody has judged a fresh item, this annotator included
             if not candidates:
                 return None
             if rng.random() < gold_rate:
-                gold = session.scalars(
-                    select(ItemRow.id).where(*_unjudged(annotator_id, queue, exclude), ItemRow.gold_choice.is_not(None))
-                ).all()
+                gold = session.scalars(select(ItemRow.id).where(*offered, unjudged, GOLD).order_by(ItemRow.id)).all()
                 if gold:
-                    return _item(session.get(ItemRow, rng.choice(gold)))
-            started = candidates[0].judgements > 0
-            first_tier = [row.id for row in candidates if (row.judgements > 0) == started]
-            return _item(session.get(ItemRow, rng.choice(first_tier)))
+                    candidates = gold
+            return _item(session.get(ItemRow, rng.choice(candidates)))
 
     # ------------------------------------------------------------ judgements
 
     def judge(self, annotator_id: int, item_id: int, choice: str, comment: str | None = None, ms: int | None = None) -> int:
-        """Records one judgement in one transaction and returns its id; on any error nothing is written."""
+        """Records one judgement in one transaction and returns its id; on any error nothing is written.
+
+        The counts go up in the same transaction, after the insert: a refused duplicate rolls them back,
+        and an insert waiting on a racing duplicate holds no row lock that other judges wait for.
+        """
         check_judgement(choice, comment, ms)
         try:
             with self._writes.begin() as session:
                 if session.get(AnnotatorRow, annotator_id) is None:
                     raise Unauthorized(f"no annotator {annotator_id}")
-                if session.get(ItemRow, item_id) is None:
+                item = session.get(ItemRow, item_id)
+                if item is None:
                     raise UnknownItem(f"no item {item_id}")
                 row = JudgementRow(
                     item_id=item_id, annotator_id=annotator_id, choice=choice, comment=comment or None, ms=ms, created_at=_now()
                 )
                 session.add(row)
                 session.flush()
+                self._count(session, {item_id: 1}, {(annotator_id, item.queue): 1}, {})
                 return row.id
         except IntegrityError:  # the database's UNIQUE(item_id, annotator_id), so two racing requests cannot both pass
             raise AlreadyJudged(f"annotator {annotator_id} has already judged item {item_id}") from None
 
     def undo(self, annotator_id: int, queue: str) -> Item:
-        """Withdraws this annotator's latest judgement in the queue; its item can be given to them again."""
+        """Withdraws this annotator's latest judgement in the queue; its item can be given to them again.
+
+        The counts go down only when this call's DELETE removed the row: two undos racing for the same
+        judgement (PostgreSQL) both answer its item, and the counts drop once.
+        """
         with self._writes.begin() as session:
             found = session.execute(
-                select(JudgementRow, ItemRow)
+                select(JudgementRow.id, JudgementRow.item_id)
                 .join(ItemRow, ItemRow.id == JudgementRow.item_id)
                 .where(JudgementRow.annotator_id == annotator_id, ItemRow.queue == queue)
                 .order_by(JudgementRow.id.desc())
@@ -305,16 +323,26 @@ class LabelStore:
             ).first()
             if found is None:
                 raise NothingToUndo(f"nothing to undo in queue {queue!r}")
-            session.delete(found[0])
-            return _item(found[1])
+            if session.execute(delete(JudgementRow).where(JudgementRow.id == found.id)).rowcount:
+                self._count(session, {found.item_id: -1}, {(annotator_id, queue): -1}, {})
+            return _item(session.get(ItemRow, found.item_id))
 
     def progress(self, annotator_id: int, queue: str) -> dict:
-        """`judged`: this annotator's judgements in the queue, gold checks included; `remaining`: ordinary items still for them."""
+        """`judged`: this annotator's judgements in the queue, gold checks included; `remaining`: ordinary items still for them.
+
+        `judged` is the annotator's tally; remaining is the queue's count of FRESH items (nobody has
+        judged them, so neither has this annotator) and the STARTED items this annotator has not
+        judged, which are few: overlap completes first. One statement, so that PostgreSQL reads all
+        three at one snapshot.
+        """
+        tally = select(TallyRow.judgements).where(TallyRow.annotator_id == annotator_id, TallyRow.queue == queue)
+        fresh = select(QueueRow.fresh).where(QueueRow.queue == queue)
+        started = select(func.count()).where(ItemRow.queue == queue, STARTED, ~_judged_by(annotator_id))
         with self._reads.begin() as session:
-            judged = session.scalar(
-                _in_queue(select(func.count(JudgementRow.id)), queue).where(JudgementRow.annotator_id == annotator_id)
-            )
-            remaining = session.scalar(select(func.count()).select_from(_open_items(annotator_id, queue, ()).subquery()))
+            judged, remaining = session.execute(select(
+                func.coalesce(tally.scalar_subquery(), 0),
+                func.coalesce(fresh.scalar_subquery(), 0) + started.scalar_subquery(),
+            )).one()
         return {"judged": judged, "remaining": remaining}
 
     def judgements(self, queue: str, purpose: str | None = "train", after_id: int = 0) -> list[dict]:
@@ -360,6 +388,9 @@ class LabelStore:
         for record in records:
             voters[record.queue, _content_key(record)].add(record.annotator)
         counts = Counter(items_created=0, annotators_created=0, judgements_created=0, duplicates_skipped=0)
+        added: Counter[int] = Counter()  # judgements per item and per (annotator, queue), new items per queue: counted at the end
+        tallied: Counter[tuple[int, str]] = Counter()
+        fresh: Counter[str] = Counter()
         now = _now()
         with self._writes.begin() as session:
             annotators: dict[str, int] = {}
@@ -390,6 +421,7 @@ class LabelStore:
                             insert(ItemRow).returning(ItemRow.id), [_item_values(record.queue, batch, new, now)]
                         ).scalar_one()
                         counts["items_created"] += 1
+                        fresh[record.queue] += new.gold_choice is None
                     items[key] = item_id
                 pair = (items[key], annotators[record.annotator])
                 if pair in judged or session.scalar(
@@ -398,6 +430,8 @@ class LabelStore:
                     counts["duplicates_skipped"] += 1
                     continue
                 judged.add(pair)
+                added[pair[0]] += 1
+                tallied[pair[1], record.queue] += 1
                 session.add(
                     JudgementRow(
                         item_id=pair[0], annotator_id=pair[1], choice=record.choice, comment=record.comment or None,
@@ -405,7 +439,30 @@ class LabelStore:
                     )
                 )
                 counts["judgements_created"] += 1
+            session.flush()
+            self._count(session, added, tallied, fresh)
         return dict(counts)
+
+    def _count(self, session, items: Mapping[int, int], tallies: Mapping[tuple[int, str], int], fresh: Mapping[str, int]) -> None:
+        """Keeps the counts in step with what the caller's transaction wrote: judgements added (or, negative,
+        withdrawn) per item and per (annotator id, queue), new FRESH items per queue.
+
+        An item's count moving from or to 0 moves its queue's count of FRESH items as well. Atomic on
+        either database: PostgreSQL locks each row until commit, SQLite's writers take turns. Always
+        items, then tallies, then queues, each in sorted order: two transactions counting on the same
+        rows lock them in the same order, and cannot deadlock.
+        """
+        connection, fresh = session.connection(), Counter(fresh)
+        for item_id in sorted(items):
+            by = items[item_id]
+            now, queue, gold = connection.execute(_ADD_TO_ITEM, {"item": item_id, "by": by}).one()
+            if gold is None:
+                fresh[queue] += (now == 0) - (now == by)  # fresh again after an undo, or no longer after a first judgement
+        for (annotator_id, queue), by in sorted(tallies.items()):
+            connection.execute(self._add_to_tally, {"annotator_id": annotator_id, "queue": queue, "judgements": by})
+        for queue, by in sorted(fresh.items()):
+            if by:
+                connection.execute(self._add_to_queue, {"queue": queue, "fresh": by})
 
     # ------------------------------------------------------------ what the pipeline reads
 
@@ -581,28 +638,34 @@ def _in_queue(query, queue: str, purpose: str | None = None):
     return query if purpose is None else query.where(ItemRow.purpose == purpose)
 
 
-def _unjudged(annotator_id: int, queue: str, exclude: Sequence[int]) -> list:
-    """Conditions on items: in `queue`, not judged by this annotator, not in `exclude`."""
-    conditions = [
-        ItemRow.queue == queue,
-        ItemRow.id.not_in(select(JudgementRow.item_id).where(JudgementRow.annotator_id == annotator_id)),
-    ]
-    if exclude:
-        conditions.append(ItemRow.id.not_in(list(exclude)))
-    return conditions
+# The statements that keep the counts, built once: building one per call costs SQLAlchemy more CPU than the
+# database takes to run it, and judge() runs two or three.
+_ADD_TO_ITEM = (
+    update(ItemRow.__table__)
+    .where(ItemRow.id == bindparam("item"))
+    .values(judgements=ItemRow.judgements + bindparam("by"))
+    .returning(ItemRow.judgements, ItemRow.queue, ItemRow.gold_choice)
+)
 
 
-def _open_items(annotator_id: int, queue: str, exclude: Sequence[int]):
-    """Ordinary items this annotator could be given (unjudged by them, wanting more votes), with their judgement counts."""
-    others = aliased(JudgementRow)  # apart from the one in `_unjudged`'s subquery, which must not correlate with it
-    judged = func.count(others.id)
-    return (
-        select(ItemRow.id, judged.label("judgements"))
-        .outerjoin(others, others.item_id == ItemRow.id)
-        .where(*_unjudged(annotator_id, queue, exclude), ItemRow.gold_choice.is_(None))
-        .group_by(ItemRow.id, ItemRow.votes)
-        .having(judged < ItemRow.votes)
+def _adding(upsert, row: type, column: str):
+    """INSERT of a row, or where its primary key is taken, an addition of its `column` to that row's."""
+    table = row.__table__
+    statement = upsert(table)
+    return statement.on_conflict_do_update(
+        index_elements=[key.name for key in table.primary_key], set_={column: table.c[column] + statement.excluded[column]}
     )
+
+
+def _judged_by(annotator_id: int):
+    """The condition on an item that this annotator has judged it: one index probe per item read.
+
+    Not IN (their ids), which collects everything the annotator ever judged. OFFSET 0 keeps
+    PostgreSQL from turning the EXISTS into an anti-join over all the annotator's judgements, which
+    it would, as it cannot estimate `judgements < votes` and expects many STARTED items.
+    """
+    mine = select(JudgementRow.id).where(JudgementRow.item_id == ItemRow.id, JudgementRow.annotator_id == annotator_id)
+    return mine.offset(0).exists()
 
 
 def _as_new_item(record: Record, votes: int = 1) -> NewItem:
