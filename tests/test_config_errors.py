@@ -7,6 +7,7 @@ import copy
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -342,7 +343,8 @@ def given_reward_model(stage: str, reward_model: str) -> str:
     """A pipeline of the data stage and `stage` on a given policy and reward model."""
     config = GRAPH[stage].config
     needed = {"learning_rate": 0.1, "pairs": {"source": "policy"}}
-    block = {"policy": {"init": "pretrained", "path": "some/model"}, "reward_model": reward_model}
+    registered = str in typing.get_args(config.model_fields["policy"].annotation)  # propose samples a registered policy
+    block = {"policy": "models:/p-policy@champion" if registered else {"init": "pretrained", "path": "some/model"}, "reward_model": reward_model}
     block |= {key: value for key, value in needed.items() if key in config.model_fields and config.model_fields[key].is_required()}
     raw = yaml.safe_load(GOOD)
     raw["pipelines"]["p"]["stages"][stage] = block
