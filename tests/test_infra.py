@@ -71,7 +71,7 @@ def test_prefect_yaml_deploys_every_scheduled_pipeline_as_in_pipelines_yaml():
         deployment = deployed[f"{name}-pool"]
         path, function = deployment["entrypoint"].split(":")
         assert (ROOT / path).is_file() and getattr(flows.pipeline, function).name == "rlhf-pipeline"
-        assert deployment["parameters"] == {"pipeline": name, "overrides": pipeline.schedule.overrides}
+        assert deployment["parameters"] == {"pipeline": name, "overrides": pipeline.schedule.overrides, "scheduled": True}
         [schedule] = deployment["schedules"]
         assert schedule.get("cron") == pipeline.schedule.cron
         assert schedule.get("interval") == pipeline.schedule.interval
