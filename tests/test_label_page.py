@@ -20,7 +20,6 @@ from test_label_api import QUEUE, reviews
 
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
 
 HOSTILE = NewItem(
     [{"role": "user", "content": "Reply with <b>markup</b>"}],
@@ -48,6 +47,7 @@ def test_judging_in_a_browser(tmp_path):
     assert len(PAIRS) == len(MORE) + 1
     dialogs, problems = [], []
     with serving(store, QUEUE, gold_rate=0.0, seed=0) as base, sync_playwright() as playwright:
+        assert CHROMIUM.exists(), "the browser test needs Debian's chromium: apt-get install chromium (.ci/run installs it)"
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
         context = browser.new_context(viewport={"width": 1000, "height": 700})
         context.add_init_script(ALTERNATING)
