@@ -18,7 +18,21 @@ import pytest
 from conftest import HH_FILE, ROOT, TINY_PIPELINES, Cli, kill_group, wait_for
 
 pytestmark = pytest.mark.slow
-PIPELINE = "tiny-ppo"
+PIPELINE = "tiny-served"
+# tiny-ppo's stages on both Ray nodes at smoke scale: what is checked here is where and how they ran, not learning
+SERVED = """
+  tiny-served:
+    tracking: {experiment: tests-served}
+    seed: 0
+    schedule: {cron: "0 0 1 1 *", timezone: Europe/Berlin}  # registered by these tests, never due in them
+    ray: *two-workers
+    stages:
+      <<: *train
+      sft: *sft60
+      ppo: {learning_rate: 0.003, iterations: 4, batch_size: 8, minibatches: 2, epochs: 1, max_new_tokens: 12,
+            checkpoint_every: 2}
+      evaluate: *tiny-evaluate
+"""
 STAGES = ["data", "sft", "reward", "ppo", "evaluate"]
 PORTS = {"RLHF_POSTGRES_PORT": "55433", "RLHF_PREFECT_PORT": "54200", "RLHF_MLFLOW_PORT": "55000", "RLHF_RAY_PORT": "56380"}
 
@@ -54,7 +68,7 @@ def _mentions(cmdline: Path, text: str) -> bool:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("ops-project")
-    (project / "pipelines.yaml").write_text(TINY_PIPELINES.replace("HH_FILE", str(HH_FILE)))
+    (project / "pipelines.yaml").write_text(TINY_PIPELINES.replace("HH_FILE", str(HH_FILE)) + SERVED)
     (project / "prefs.jsonl").write_text("")
     return project
 
@@ -97,7 +111,7 @@ def test_serve_registers_the_schedule_and_the_triggered_run_completes(scheduled)
 
 def test_the_run_is_tracked_by_the_mlflow_server(servers, scheduled):
     mlflow = httpx.Client(base_url=servers["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow", timeout=30)
-    experiment = mlflow.get("/experiments/get-by-name", params={"experiment_name": "tests-ppo"}).json()["experiment"]
+    experiment = mlflow.get("/experiments/get-by-name", params={"experiment_name": "tests-served"}).json()["experiment"]
     runs = mlflow.post("/runs/search", json={"experiment_ids": [experiment["experiment_id"]], "max_results": 100}).json()["runs"]
     tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
     [parent] = [i for i, t in tags.items() if t.get("rlhf.prefect_flow_run_id") == scheduled["run"]["id"]]
@@ -106,7 +120,7 @@ def test_the_run_is_tracked_by_the_mlflow_server(servers, scheduled):
     for run_id in (parent, children["data"], children["ppo"]):
         assert mlflow.get("/artifacts/list", params={"run_id": run_id}).json().get("files"), run_id
     kl = mlflow.get("/metrics/get-history", params={"run_id": children["ppo"], "metric_key": "ppo/kl"}).json()["metrics"]
-    assert len(kl) == 30
+    assert len(kl) == 4
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
