@@ -10,7 +10,6 @@ import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
-
 from rlhf.labels.server import serving
 from rlhf.labels.simulate import simulate
 from rlhf.labels.store import LabelStore, NewItem
