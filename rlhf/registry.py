@@ -16,12 +16,9 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from rlhf import models
 
-
-def log_policy(policy_dir: Path, max_new_tokens: int) -> str:
+def log_policy(model, tokenizer, max_new_tokens: int) -> str:
     """Log the merged policy into the active run; returns the model URI."""
-    model, tokenizer = models.load_causal_lm(policy_dir), models.load_tokenizer(policy_dir)
     info = mlflow.transformers.log_model(
         {"model": model, "tokenizer": tokenizer},
         name="policy",

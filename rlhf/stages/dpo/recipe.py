@@ -43,7 +43,8 @@ def train_dpo(ctx: StageContext) -> StageResult:
     data = load_splits(pair_dir)
     write_splits({split: list(data[split]) for split in data}, ctx.outputs / "pairs")
     if isinstance(config.adapter, LoraAdapter):  # a prompt-learning policy is no plain transformers model to log
-        model_uri = registry.log_policy(ctx.outputs / "model", config.max_new_tokens)
+        policy = ctx.outputs / "model"
+        model_uri = registry.log_policy(models.load_causal_lm(policy), models.load_tokenizer(policy), config.max_new_tokens)
         (ctx.outputs / "mlflow_model.json").write_text(json.dumps({"model_uri": model_uri}))
 
     metrics = {

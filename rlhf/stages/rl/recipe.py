@@ -66,7 +66,8 @@ def train_rl(ctx: StageContext) -> StageResult:
     mlflow.log_dict(json.loads((final / "normalisation.json").read_text()), f"{ctx.stage}/normalisation.json")
 
     mlflow.log_figure(plots.ppo_curves(history), "plots/ppo_curves.png")
-    model_uri = registry.log_policy(ctx.outputs / "model", config.max_new_tokens)
+    policy = ctx.outputs / "model"
+    model_uri = registry.log_policy(models.load_causal_lm(policy), models.load_tokenizer(policy), config.max_new_tokens)
     (ctx.outputs / "mlflow_model.json").write_text(json.dumps({"model_uri": model_uri}))
 
     last = history[-1]
