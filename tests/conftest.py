@@ -341,3 +341,37 @@ def wait_for(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class PrefectApi:
+    """Prefect's REST API as the scheduler's side of a test sees it: a served deployment, runs of it triggered
+    as its schedule would. A run's own requests share the server's SQLite database, so a request may meet a
+    busy moment (a 5xx answer), which is retried rather than read as the answer."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.client = httpx.Client(base_url=url, timeout=30)
+
+    def __call__(self, method: str, path: str, **kwargs) -> dict | list:
+        for attempt in range(5):
+            response = self.client.request(method, path, **kwargs)
+            if response.status_code < 500:
+                break
+            time.sleep(2 * (attempt + 1))
+        assert response.is_success, f"{method} {path}: {response.status_code} {response.text[:2000]}"
+        return response.json()
+
+    def served(self, pipeline: str, serving: subprocess.Popen) -> dict:
+        """The deployment `rlhf serve` registered for the pipeline, once it is there."""
+        path = f"/deployments/name/rlhf-pipeline/{pipeline}"
+        wait_for(lambda: self.client.get(path).status_code == 200 or serving.poll() is not None, 300, "the served deployment")
+        assert serving.poll() is None, serving.log.read_text()[-3000:]
+        return self("GET", path)
+
+    def triggered_run(self, deployment: dict, timeout: float) -> dict:
+        """A run of the deployment, created as its schedule would create it, once it has ended."""
+        run = self("POST", f"/deployments/{deployment['id']}/create_flow_run", json={})
+        wait_for(lambda: self("GET", f"/flow_runs/{run['id']}")["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED"),
+                 timeout, "the triggered flow run")
+        return self("GET", f"/flow_runs/{run['id']}")

@@ -7,11 +7,10 @@ import json
 import sqlite3
 from pathlib import Path
 
-import httpx
 import mlflow
 import pytest
 
-from conftest import HH_FILE, TINY_PIPELINES, Cli, kill_group, prefect_api, wait_for
+from conftest import HH_FILE, TINY_PIPELINES, Cli, PrefectApi, kill_group, prefect_api
 from rlhf.labels.store import LabelStore, NewItem
 from rlhf.synthetic_reviews import generate_examples
 
@@ -142,30 +141,21 @@ def test_a_scheduled_run_trains_only_once_min_new_labels_judgements_arrived(loop
     annotator = labels.authenticate(labels.add_annotator("second-round"))
     with sqlite3.connect(cli.home / "labels.db") as db:
         second_round = [item for (item,) in db.execute("SELECT id FROM items WHERE batch = 'second-round' ORDER BY id")]
-    api = httpx.Client(base_url=prefect_api(), timeout=30)
+    api = PrefectApi(prefect_api())
     serving = cli.start("serve", PIPELINE)
     try:
-        wait_for(lambda: api.get(f"/deployments/name/rlhf-pipeline/{PIPELINE}").status_code == 200 or serving.poll() is not None,
-                 300, "the served deployment")
-        deployment = api.get(f"/deployments/name/rlhf-pipeline/{PIPELINE}").json()
-
-        def scheduled_run() -> dict:
-            run = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).json()
-            wait_for(lambda: api.get(f"/flow_runs/{run['id']}").json()["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED"),
-                     900, "the scheduled run")
-            return api.get(f"/flow_runs/{run['id']}").json()
-
+        deployment = api.served(PIPELINE, serving)
         before = counts(cli.home)
         for item in second_round[:5]:
             labels.judge(annotator.id, item, "A")
-        early = scheduled_run()
+        early = api.triggered_run(deployment, 900)
         assert early["state"]["type"] == "COMPLETED", serving.log.read_text()[-4000:]
         assert counts(cli.home) == before
         assert "nothing new: 5 of 10 judgements since the last completed run" in serving.log.read_text()
 
         for item in second_round[5:]:
             labels.judge(annotator.id, item, "A")
-        due = scheduled_run()
+        due = api.triggered_run(deployment, 900)
         assert due["state"]["type"] == "COMPLETED", serving.log.read_text()[-4000:]
         after = counts(cli.home)
         assert {stage: after[stage] - before[stage] for stage in after} == {

@@ -1,4 +1,5 @@
-"""The data stage through the real CLI, the real Prefect flow (ephemeral API) and a real MLflow sqlite store."""
+"""The data stage through the real CLI, the real Prefect flow and a real MLflow sqlite store; the first test's runs
+each start Prefect's temporary API, as a run with no PREFECT_API_URL does, the others share the tests' server."""
 
 import json
 import os
@@ -14,8 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def cli(project: Path) -> Cli:
-    """Each run starts Prefect's temporary API, as a run with no PREFECT_API_URL does (the other tests share a server)."""
+def temporary_prefect_cli(project: Path) -> Cli:
     return Cli(project, project / "home", temporary_prefect=True)
 
 
@@ -28,7 +28,8 @@ def runs(home: Path):
     return mlflow.search_runs(experiment_names=["tests"], output_format="list", order_by=["start_time ASC"])
 
 
-def test_run_reuse_override_and_tracking(cli):
+def test_run_reuse_override_and_tracking(temporary_prefect_cli):
+    cli = temporary_prefect_cli
     first = cli("run")
     assert first.returncode == 0, first.stderr
     assert "│ data  │ ran" in first.stdout and "rlhf --home" in first.stdout

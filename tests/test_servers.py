@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import HH_FILE, ROOT, TINY_PIPELINES, Cli, kill_group, wait_for
+from conftest import HH_FILE, ROOT, TINY_PIPELINES, Cli, PrefectApi, kill_group
 
 pytestmark = pytest.mark.slow
 PIPELINE = "tiny-served"
@@ -76,25 +76,20 @@ def project(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def scheduled(servers, project):
     """`rlhf serve` running; one run of its deployment triggered through the Prefect API and finished."""
-    api = httpx.Client(base_url=servers["PREFECT_API_URL"], timeout=30)
+    api = PrefectApi(servers["PREFECT_API_URL"])
     cli = Cli(project, project / "home")
     serving = cli.start("serve", PIPELINE, **servers)
     try:
-        wait_for(lambda: api.get(f"/deployments/name/rlhf-pipeline/{PIPELINE}").status_code == 200
-                 or serving.poll() is not None, 300, "the served deployment")
-        assert serving.poll() is None, serving.log.read_text()[-3000:]
-        deployment = api.get(f"/deployments/name/rlhf-pipeline/{PIPELINE}").json()
-        run = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).json()
-        wait_for(lambda: api.get(f"/flow_runs/{run['id']}").json()["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED"),
-                 1200, "the triggered flow run")
-        yield {"api": api, "cli": cli, "deployment": deployment, "run": api.get(f"/flow_runs/{run['id']}").json(),
+        deployment = api.served(PIPELINE, serving)
+        run = api.triggered_run(deployment, 1200)
+        yield {"api": api, "cli": cli, "deployment": deployment, "run": run,
                "serve_log": serving.log}
     finally:
         kill_group(serving)
 
 
-def flow_runs(api: httpx.Client) -> list[dict]:
-    return api.post("/flow_runs/filter", json={"sort": "START_TIME_DESC"}).json()
+def flow_runs(api: PrefectApi) -> list[dict]:
+    return api("POST", "/flow_runs/filter", json={"sort": "START_TIME_DESC"})
 
 
 def test_serve_registers_the_schedule_and_the_triggered_run_completes(scheduled):
@@ -147,8 +142,7 @@ def test_infra_prefect_yaml_deploys_to_a_process_pool(servers):
                     ["deploy", "--prefect-file", "infra/prefect.yaml", "--all"]):
         done = subprocess.run([prefect, "--no-prompt", *command], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    api = httpx.Client(base_url=servers["PREFECT_API_URL"], timeout=30)
-    deployment = api.get("/deployments/name/rlhf-pipeline/demo-pool").json()
+    deployment = PrefectApi(servers["PREFECT_API_URL"])("GET", "/deployments/name/rlhf-pipeline/demo-pool")
     assert deployment["work_pool_name"] == "rlhf-process" and deployment["entrypoint"] == "flows/pipeline.py:pipeline_flow"
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
 

@@ -78,8 +78,9 @@ def test_sft_and_reward_run_reuse_and_rerun_what_changed(cli):
     assert "upstream stage 'sft' is not complete" in blocked.stderr.strip().splitlines()[-1]
 
 
-def _kill_after_first_checkpoint(cli, stage: str, *args: str) -> str:
-    """Start a run, SIGKILL it once `stage` has a complete checkpoint; return that attempt's MLflow run id."""
+def _kill_after_first_checkpoint(cli, stage: str, *args: str) -> tuple[str, str]:
+    """Start a run, SIGKILL it once `stage` has a complete checkpoint; return that attempt's MLflow run id and
+    what the run printed."""
     process = cli.start("run", "tiny-rlhf", *args)
     stage_dir = cli.home / "runs" / "tiny-rlhf" / stage
     checkpoints = lambda: list(stage_dir.glob("*/work/trainer/rank-0/checkpoint-*.sha256"))  # noqa: E731  (sealed: complete)
@@ -87,46 +88,34 @@ def _kill_after_first_checkpoint(cli, stage: str, *args: str) -> str:
     assert process.poll() is None, process.log.read_text()[-3000:]
     kill_group(process)
     assert not list(stage_dir.glob("*/manifest.json"))
-    return next(stage_dir.glob("*/work/mlflow_run_id")).read_text()
+    return next(stage_dir.glob("*/work/mlflow_run_id")).read_text(), process.log.read_text()
 
 
-def test_sft_killed_after_a_checkpoint_resumes_to_the_same_result(cli, project):
-    longer = ["--set", "stages.sft.max_steps=80"]
-    process_run = _kill_after_first_checkpoint(cli, "sft", *longer)
-    rerun = cli("run", "tiny-rlhf", *longer)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert actions(rerun.stdout)["sft"] == "resumed"
-    resumed = manifest(cli.home, "sft")
-    assert resumed["mlflow_run_id"] == process_run and resumed["resumed"]
-    assert resumed["metrics"]["resumed_from_step"] >= 5 and resumed["metrics"]["train_steps"] == 80
-    assert "resuming from" in rerun.stderr and "checkpoint-" in rerun.stderr
+def test_sft_then_reward_killed_after_a_checkpoint_each_resume_to_the_uninterrupted_result(cli, project):
+    longer = ["--set", "stages.sft.max_steps=80", "--set", "stages.reward.max_steps=60"]
+    sft_run, _ = _kill_after_first_checkpoint(cli, "sft", *longer)
+    reward_run, second_attempt = _kill_after_first_checkpoint(cli, "reward", *longer)  # SFT resumed and completed first
+    assert re.search(r"resuming from \S*/sft/\S*/checkpoint-", second_attempt), second_attempt[-3000:]
+    sft = manifest(cli.home, "sft")
+    assert sft["mlflow_run_id"] == sft_run and sft["resumed"]
+    assert sft["metrics"]["resumed_from_step"] >= 5 and sft["metrics"]["train_steps"] == 80
 
-    uninterrupted = type(cli)(project, project / "home-2")("run", "tiny-rlhf", *longer, "--only", "data")
-    assert uninterrupted.returncode == 0
-    straight = type(cli)(project, project / "home-2")("run", "tiny-rlhf", *longer)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    reference = manifest(project / "home-2", "sft")
-    assert resumed["fingerprint"] == reference["fingerprint"]
-    assert resumed["metrics"]["eval_loss"] == pytest.approx(reference["metrics"]["eval_loss"], abs=1e-3)
-
-
-def test_reward_killed_after_a_checkpoint_resumes_to_the_same_result(cli, project):
-    longer = ["--set", "stages.reward.max_steps=60"]
-    crashed_run = _kill_after_first_checkpoint(cli, "reward", *longer)
     rerun = cli("run", "tiny-rlhf", *longer)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert actions(rerun.stdout) == {"data": "reused", "sft": "reused", "reward": "resumed"}
-    resumed = manifest(cli.home, "reward")
-    assert resumed["mlflow_run_id"] == crashed_run
-    assert resumed["metrics"]["resumed_from_step"] >= 4 and resumed["metrics"]["train_steps"] == 60
+    reward = manifest(cli.home, "reward")
+    assert reward["mlflow_run_id"] == reward_run and reward["resumed"]
+    assert reward["metrics"]["resumed_from_step"] >= 4 and reward["metrics"]["train_steps"] == 60
 
     straight = type(cli)(project, project / "home-2")("run", "tiny-rlhf", *longer)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    reference = manifest(project / "home-2", "reward")
-    assert resumed["fingerprint"] == reference["fingerprint"] and resumed["inputs"] == reference["inputs"]
+    reference_sft, reference_reward = manifest(project / "home-2", "sft"), manifest(project / "home-2", "reward")
+    assert sft["fingerprint"] == reference_sft["fingerprint"]
+    assert sft["metrics"]["eval_loss"] == pytest.approx(reference_sft["metrics"]["eval_loss"], abs=1e-3)
+    assert reward["fingerprint"] == reference_reward["fingerprint"] and reward["inputs"] == reference_reward["inputs"]
     # the same pairs, ranked the same: the resumed model scores held-out pairs as the uninterrupted one
-    assert resumed["metrics"]["eval_accuracy"] == reference["metrics"]["eval_accuracy"]
-    assert resumed["metrics"]["eval_accuracy"] > max(0.5, resumed["metrics"]["eval_accuracy_before"])
+    assert reward["metrics"]["eval_accuracy"] == reference_reward["metrics"]["eval_accuracy"]
+    assert reward["metrics"]["eval_accuracy"] > max(0.5, reward["metrics"]["eval_accuracy_before"])
 
 
 def test_sft_on_ray_train_killed_after_a_checkpoint_resumes_in_the_same_mlflow_run(cli):
