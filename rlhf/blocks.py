@@ -38,6 +38,10 @@ class StageConfig(Strict):
         """Whether the stage trains from the policy another stage provides, which must then be a plain model."""
         return False
 
+    def own_model(self) -> ScratchModel | PretrainedModel | None:
+        """The model the block names itself (one to build or load, a starting policy); None: another stage's policy."""
+        return None
+
     def external_inputs(self) -> dict[str, str]:
         """Digests of the files the stage reads from outside the store: part of its fingerprint."""
         return {}
@@ -166,7 +170,8 @@ class PTuning(Strict):
 Adapter = Annotated[Union[LoraAdapter, PromptTuning, PrefixTuning, PTuning], Field(discriminator="type")]
 
 
-Precision = Literal["fp32", "bf16"]
+# auto: bf16 where the hardware computes it natively, for a pretrained model; fp32 otherwise (`rlhf/precision.py`)
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 def given_reward_model(path: Path | None) -> dict[str, str]:

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 from pydantic import Field, create_model, field_validator, model_validator
 
-from rlhf.blocks import StageConfig, Strict
+from rlhf.blocks import PretrainedModel, StageConfig, Strict
 from rlhf.cluster import RayConfig
 from rlhf.graph import GRAPH, Stage, order, providers
 
@@ -96,6 +96,14 @@ class Stages(Strict):
 
     def provider(self, need: str, stage: str) -> str | None:
         return self.providers(stage).get(need)
+
+    def pretrained(self, stage: str) -> bool:
+        """Whether the model `stage` trains descends from a pretrained one, through the stages that provide its policy."""
+        own = self.block(stage).own_model()
+        if own is not None:
+            return isinstance(own, PretrainedModel)
+        provider = self.provider("policy", stage)
+        return provider is not None and self.pretrained(provider)
 
     def given(self, need: str, stage: str) -> StageConfig | None:
         """The block of the stage that provides `need` to `stage`."""

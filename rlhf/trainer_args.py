@@ -35,7 +35,10 @@ class Training(StageConfig):
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept on disk")
     logging_steps: int = Field(10, ge=1, description="log the loss every N steps")
-    precision: Precision = Field("fp32", description="bf16: mixed precision (weights, LoRA and optimizer state stay fp32)")
+    precision: Precision = Field(
+        "auto", description="bf16: mixed precision (weights, LoRA and optimizer state stay fp32); auto: bf16 for a pretrained "
+        "model where the hardware computes bf16 natively (CUDA, AVX512-BF16, AMX), else fp32"
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, more time")
     gradient_accumulation_steps: int = Field(1, ge=1, description="batches accumulated into one step")
     trainer_args: dict[str, Any] = Field({}, description="any other TRL config key, validated by TRL's own class")
@@ -72,7 +75,10 @@ def trainer_arguments(config: Training, seed: int, output_dir: Path, workers: in
 def _typed_arguments(config: Training, seed: int, output_dir: Path, workers: int = 1) -> dict:
     import torch
 
+    from rlhf import precision
+
     on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
     return dict(
         output_dir=str(output_dir),
         learning_rate=config.learning_rate,
@@ -94,7 +100,7 @@ def _typed_arguments(config: Training, seed: int, output_dir: Path, workers: int
         seed=seed,
         data_seed=seed,
         use_cpu=not on_gpu,
-        bf16=config.precision == "bf16",  # autocast: the weights and optimizer state stay fp32
+        bf16=precision.choose(config.precision, device) == "bf16",  # autocast: the weights and optimizer state stay fp32
         **{_checkpointing_argument(): config.gradient_checkpointing},
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         dataloader_num_workers=0,

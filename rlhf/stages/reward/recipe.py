@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 from trl import RewardConfig, RewardTrainer
 
-from rlhf import generation, models, pairs, trainer_args, training, trl_fit
+from rlhf import generation, models, pairs, precision, trainer_args, training, trl_fit
 from rlhf.stages.reward.config import LabelPairs, PolicyPairs, RewardStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits, write_splits
@@ -28,7 +28,7 @@ from rlhf.lifecycle import StageContext, StageResult
 
 
 def train_reward(ctx: StageContext) -> StageResult:
-    config: RewardStage = ctx.config
+    config: RewardStage = precision.for_model(ctx.config, ctx.pipeline.stages.pretrained(ctx.stage))
     data_dir = ctx.input("data")
     if config.model is None:
         base = ctx.input("policy") / "model"

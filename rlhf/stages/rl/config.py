@@ -72,7 +72,8 @@ class RlStage(StageConfig):
         64, ge=2, description="samples of the starting policy, under these sampling settings, that fix the score mean and std"
     )
     precision: Precision = Field(
-        "fp32", description="bf16: the frozen policy and reward model held in bf16, matmuls autocast; LoRA, critic and optimizer state stay fp32"
+        "auto", description="bf16: the frozen policy and reward model held in bf16, matmuls autocast; LoRA, critic and optimizer "
+        "state stay fp32; auto: bf16 for a pretrained policy where the hardware computes bf16 natively (CUDA, AVX512-BF16, AMX), else fp32"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, more time")
     micro_batch_size: int | None = Field(
@@ -106,6 +107,9 @@ class RlStage(StageConfig):
 
     def starts_from_policy(self) -> bool:
         return True
+
+    def own_model(self) -> PretrainedModel | None:
+        return self.policy
 
     def external_inputs(self) -> dict[str, str]:
         return given_reward_model(self.reward_model)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import mlflow
 
-from rlhf import models, plots, registry
+from rlhf import models, plots, precision, registry
 from rlhf.blocks import Lora, ScratchModel
 from rlhf.stages.rl.config import RlStage
 from rlhf.data.prepare import load_splits
@@ -37,7 +37,7 @@ log = logging.getLogger("rlhf")
 
 
 def train_rl(ctx: StageContext) -> StageResult:
-    config: RlStage = ctx.config
+    config: RlStage = precision.for_model(ctx.config, ctx.pipeline.stages.pretrained(ctx.stage))
     data_dir, start = ctx.input("data"), policies.starting_policy(ctx, ctx.stage)
     gold = ctx.gold_name
 

@@ -25,6 +25,9 @@ class SftStage(Training):
             raise ValueError("a scratch model starts from random weights: train it fully (adapter: null)")
         return self
 
+    def own_model(self) -> ModelSource:
+        return self.model
+
     def check(self, name: str, pipeline) -> None:
         super().check(name, pipeline)
         if self.adapter is None or isinstance(self.adapter, LoraAdapter):

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 from trl import SFTConfig, SFTTrainer
 
-from rlhf import generation, models, trainer_args, training, trl_fit
+from rlhf import generation, models, precision, trainer_args, training, trl_fit
 from rlhf.stages.sft.config import SftStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits
@@ -25,7 +25,7 @@ from rlhf.lifecycle import StageContext, StageResult
 
 
 def train_sft(ctx: StageContext) -> StageResult:
-    config: SftStage = ctx.config
+    config: SftStage = precision.for_model(ctx.config, ctx.pipeline.stages.pretrained(ctx.stage))
     data_dir = ctx.input("data")
     texts = (text_of(row["prompt"]) + "\n" + text_of(row["completion"]) for row in _instructions(data_dir)["train"])
     base = models.provision(config.model, texts, ctx.seed, f"stages.{ctx.stage}.model", ctx.work / "base", ctx.home)
