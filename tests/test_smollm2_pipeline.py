@@ -1,9 +1,9 @@
 """SmolLM2-135M-Instruct (installed by `make smollm2`) through every stage at toy scale, through the real CLI, Prefect, Ray Train and MLflow.
 
-Two pipelines share one home (the GGUF file is dequantised once): the whole
-recipe on HH-RLHF dialogues (SFT on chosen replies, reward on the pairs, PPO,
-evaluation), and PPO straight on the instruct model with a reward model
-trained on its own samples labelled by VADER (no SFT stage).
+Two pipelines share one home (the GGUF file is dequantised once): SFT on the
+chosen replies of HH-RLHF dialogues and a reward model on their pairs, and
+PPO straight on the instruct model with a reward model trained on its own
+samples labelled by VADER (no SFT stage), evaluated by VADER.
 """
 
 import json
@@ -40,22 +40,6 @@ pipelines:
         lora: {{r: 4, alpha: 8}}
         pairs: {{source: data}}
         learning_rate: 0.0005
-      ppo: &ppo
-        iterations: 2
-        batch_size: 2
-        max_new_tokens: 8
-        temperature: 0.7
-        epochs: 1
-        minibatches: 1
-        micro_batch_size: 1
-        normalisation_samples: 2
-        checkpoint_every: 1
-        samples_every: 1
-      evaluate: &evaluate
-        prompts: 4
-        max_new_tokens: 8
-        temperature: 0.7
-        registry: {{min_win_rate: 0.0, max_kl: 1000}}
   smol-start:
     tracking: {{experiment: tests-smol-start}}
     ray: {{num_workers: 1, cpus_per_worker: 2}}
@@ -71,9 +55,22 @@ pipelines:
         pairs: {{source: policy, count: 4, eval_count: 2, min_gold_gap: 0.0, max_new_tokens: 8, temperature: 1.0}}
         learning_rate: 0.0005
       ppo:
-        <<: *ppo
         policy: {SMOLLM2}
-      evaluate: *evaluate
+        iterations: 2
+        batch_size: 2
+        max_new_tokens: 8
+        temperature: 0.7
+        epochs: 1
+        minibatches: 1
+        micro_batch_size: 1
+        normalisation_samples: 2
+        checkpoint_every: 1
+        samples_every: 1
+      evaluate:
+        prompts: 4
+        max_new_tokens: 8
+        temperature: 0.7
+        registry: {{min_win_rate: 0.0, max_kl: 1000}}
 """
 STRAY = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
 
@@ -105,18 +102,17 @@ def test_every_stage_completes_on_smollm2_with_its_own_tokenizer(home):
     reward_tokenizer = models.load_tokenizer(reward_dir)
     assert policy_tokenizer.pad_token_id == policy_tokenizer.eos_token_id  # the policy keeps SmolLM2's own
     assert reward_tokenizer.pad_token_id != reward_tokenizer.eos_token_id  # the reward model pads apart from EOS
-    for pipeline in ("smol-hh", "smol-start"):
-        ppo = manifest(home, pipeline, "ppo")
-        normalisation = json.loads((Path(ppo["outputs"]["path"]) / "normalisation.json").read_text())
-        assert normalisation["count"] == 2 and normalisation["std"] > 0  # from the starting policy's own samples
-        assert [h["iteration"] for h in json.loads((Path(ppo["outputs"]["path"]) / "history.json").read_text())] == [1, 2]
+    ppo = manifest(home, "smol-start", "ppo")
+    normalisation = json.loads((Path(ppo["outputs"]["path"]) / "normalisation.json").read_text())
+    assert normalisation["count"] == 2 and normalisation["std"] > 0  # from the starting policy's own samples
+    assert [h["iteration"] for h in json.loads((Path(ppo["outputs"]["path"]) / "history.json").read_text())] == [1, 2]
 
 
 def test_auto_precision_chooses_for_smollm2_what_this_cpu_computes_natively(home):
     expected = precision.choose("auto", torch.device("cpu"))  # bf16 with AVX512-BF16 or AMX, else fp32
     mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
-    for stage in ("sft", "reward", "ppo"):
-        made = manifest(home, "smol-hh", stage)
+    for pipeline, stage in (("smol-hh", "sft"), ("smol-hh", "reward"), ("smol-start", "ppo")):
+        made = manifest(home, pipeline, stage)
         params = mlflow.get_run(made["mlflow_run_id"]).data.params
         assert (params["cfg.precision"], params["precision_chosen"]) == ("auto", expected)
         log = (Path(made["outputs"]["path"]).parent / "stage.log").read_text()
@@ -124,15 +120,11 @@ def test_auto_precision_chooses_for_smollm2_what_this_cpu_computes_natively(home
 
 
 def test_evaluation_shows_real_text_and_gold_scores_exactly_that_text(home):
-    hh = json.loads((Path(manifest(home, "smol-hh", "evaluate")["outputs"]["path"]) / "evaluation.json").read_text())
-    assert {"baseline.score_mean", "candidate.score_mean", "win_rate_score", "kl_to_baseline"} <= set(hh["metrics"])
-    assert (hh["candidate"], hh["baseline"]) == ("ppo", "sft")
     start = json.loads((Path(manifest(home, "smol-start", "evaluate")["outputs"]["path"]) / "evaluation.json").read_text())
-    assert {"baseline.gold_mean", "candidate.gold_mean", "gold_gain", "kl_to_baseline"} <= set(start["metrics"])
+    assert {"baseline.gold_mean", "candidate.gold_mean", "gold_gain", "win_rate_score", "kl_to_baseline"} <= set(start["metrics"])
     assert (start["candidate"], start["baseline"]) == ("ppo", "start")
-    for table in (hh["table"], start["table"]):
-        responses = [r for key in table if key.endswith("_response") for r in table[key]]
-        assert responses and not [r for r in responses if any(token in r for token in STRAY)]
+    responses = [r for key in start["table"] if key.endswith("_response") for r in start["table"][key]]
+    assert responses and not [r for r in responses if any(token in r for token in STRAY)]
     for name in ("baseline", "candidate"):
         assert start["table"][f"{name}_gold"] == [
             gold.vader_positive(p, r) for p, r in zip(start["table"]["prompt"], start["table"][f"{name}_response"])
@@ -141,7 +133,7 @@ def test_evaluation_shows_real_text_and_gold_scores_exactly_that_text(home):
 
 def test_the_registered_smollm2_policy_loads_and_generates_offline(home):
     mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
-    policy = mlflow.pyfunc.load_model("models:/smol-hh-policy@candidate")
+    policy = mlflow.pyfunc.load_model("models:/smol-start-policy@candidate")
     [answer] = policy.predict({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8})
     reply = answer["choices"][0]["message"]["content"]
     assert isinstance(reply, str) and reply.strip() and not any(token in reply for token in STRAY)

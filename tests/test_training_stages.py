@@ -71,10 +71,6 @@ def test_sft_and_reward_run_reuse_and_rerun_what_changed(cli):
     # the same seed and inputs give the same reward model, head initialisation included
     assert newest_reward()["outputs"]["digest"] == changed_reward["outputs"]["digest"]
 
-    only = cli("run", "tiny-rlhf", "--set", "stages.sft.learning_rate=0.002", "--from", "reward", "--only", "reward")
-    assert only.returncode == 0, only.stderr[-3000:]
-    assert actions(only.stdout) == {"data": "reused", "sft": "reused", "reward": "ran"}
-
     blocked = cli("run", "tiny-rlhf", "--set", "stages.sft.learning_rate=0.001", "--only", "reward")
     assert blocked.returncode == 2
     assert "upstream stage 'sft' is not complete" in blocked.stderr.strip().splitlines()[-1]

@@ -60,14 +60,13 @@ def train_rl(ctx: StageContext) -> StageResult:
             shutil.copytree(final / name, ctx.outputs / name)
     for name in ("history.json", "normalisation.json"):
         shutil.copy(final / name, ctx.outputs / name)
-    _merge_policy(start, ctx)
+    policy, tokenizer = _merged_policy(start, ctx)
     history = json.loads((final / "history.json").read_text())
     mlflow.log_artifact(str(final / "history.json"), ctx.stage)
     mlflow.log_dict(json.loads((final / "normalisation.json").read_text()), f"{ctx.stage}/normalisation.json")
 
     mlflow.log_figure(plots.ppo_curves(history), "plots/ppo_curves.png")
-    policy = ctx.outputs / "model"
-    model_uri = registry.log_policy(models.load_causal_lm(policy), models.load_tokenizer(policy), config.max_new_tokens)
+    model_uri = registry.log_policy(policy, tokenizer, config.max_new_tokens)
     (ctx.outputs / "mlflow_model.json").write_text(json.dumps({"model_uri": model_uri}))
 
     last = history[-1]
@@ -102,9 +101,12 @@ def _critic_lora(config: RlStage, ctx: StageContext) -> Lora | None:
 
 
 
-def _merge_policy(start: Path, ctx: StageContext) -> None:
+def _merged_policy(start: Path, ctx: StageContext):
+    """The tuned policy as a plain model, saved beside the adapter; returns it and its tokenizer."""
     from peft import PeftModel
 
     merged = PeftModel.from_pretrained(models.load_causal_lm(start), ctx.outputs / "adapter").merge_and_unload()
+    tokenizer = models.load_tokenizer(start)
     merged.save_pretrained(ctx.outputs / "model")
-    models.load_tokenizer(start).save_pretrained(ctx.outputs / "model")
+    tokenizer.save_pretrained(ctx.outputs / "model")
+    return merged, tokenizer
