@@ -8,7 +8,7 @@ once under ~/.cache/rlhf-pipeline/shapes/: SmolLM2-135M's shape, SmolLM2-360M's,
 16 layers). The work is smol-sentiment's PPO iteration: 16 responses of up to 32 tokens to its everyday
 prompts, 2 epochs of one minibatch, LoRA r16 on every linear layer, a LoRA critic; GRPO samples the same 16
 responses as 8 prompts times 2. Each measurement is a fresh process, so each peak is its own:
-- `roles`: the resident memory the models add once loaded, and each role's weights as held;
+- `roles`: each role's weights as held (safetensors load lazily, so resident memory says little here);
 - `iteration`: the engine's own stage loop (`rlhf.ppo.driver`, in process) for one iteration after its
   normalisation samples: peak resident memory and seconds.
 """
@@ -23,7 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psutil
 import torch
 
 from rlhf import models
@@ -79,15 +78,13 @@ def rl_block(method: str, precision: str, checkpointing: bool):
 
 def measure_roles(size: str, method: str, precision: str, checkpointing: bool) -> dict:
     directory, rl = shape(size), rl_block(method, precision, checkpointing)
-    before = psutil.Process().memory_info().rss
     roles = R.load(directory / "policy", directory / "reward", rl, Lora() if rl.has_critic else None, torch.device("cpu"))
-    loaded = psutil.Process().memory_info().rss
 
     def held(model, trainable: bool | None = None) -> float:
         return sum(p.numel() * p.element_size() for p in model.parameters()
                    if trainable is None or p.requires_grad == trainable) / 2**20
 
-    figures = {"rss_models_mb": (loaded - before) / 2**20, "parameters_m": roles.actor.get_base_model().num_parameters() / 1e6,
+    figures = {"parameters_m": roles.actor.get_base_model().num_parameters() / 1e6,
                "actor_frozen_mb": held(roles.actor, False), "actor_lora_mb": held(roles.actor, True)}
     if roles.critic is not None:
         figures |= {"critic_trainable_mb": held(roles.critic, True), "critic_frozen_mb": held(roles.critic, False)}
@@ -144,7 +141,7 @@ def main() -> None:
         for method in args.methods:
             roles = child("roles", size, method, args.precision, args.checkpointing)
             iteration = child("iteration", size, method, args.precision, args.checkpointing)
-            print(f"{size} {method}: {roles['parameters_m']:.0f}M parameters; models add {roles['rss_models_mb']:.0f} MB "
+            print(f"{size} {method}: {roles['parameters_m']:.0f}M parameters; weights as held "
                   f"(actor {roles['actor_frozen_mb']:.0f} MB frozen + {roles['actor_lora_mb']:.1f} MB LoRA"
                   + (f", critic {roles['critic_trainable_mb']:.1f} MB trainable over "
                      + ("the reward model's base" if "reward_mb" not in roles else f"{roles['critic_frozen_mb']:.0f} MB frozen")
