@@ -3,11 +3,12 @@
 bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX) and the
 model descends from a pretrained one; fp32 otherwise. Where bf16 is emulated (an AVX2 CPU) it took several
 times fp32's time, and a scratch model is too small for its matmuls to gain. The driver settles the model
-side (`for_model`), the worker the hardware side (`choose`): a Ray worker may run on another machine.
+side (`for_stage`), the worker the hardware side (`choose`): a Ray worker may run on another machine.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -15,9 +16,11 @@ import torch
 _NATIVE_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def for_model(config, pretrained: bool):
-    """The stage's block with `auto` settled to fp32 for a scratch model; a pretrained one keeps `auto`."""
-    if config.precision == "auto" and not pretrained:
+def for_stage(ctx):
+    """The block of the stage `ctx` (`rlhf.lifecycle.StageContext`) runs, with `auto` settled to fp32 for a
+    scratch model; a pretrained one keeps `auto`."""
+    config = ctx.config
+    if config.precision == "auto" and not ctx.pipeline.stages.pretrained(ctx.stage):
         return config.model_copy(update={"precision": "fp32"})
     return config
 
@@ -51,10 +54,11 @@ def _hardware(device: torch.device) -> str:
     return device.type
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     """The CPU's feature flags as Linux reports them; none elsewhere (auto then keeps fp32)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = cpuinfo.read_text()
     except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
+        return frozenset()
+    return frozenset(flag for line in text.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split())

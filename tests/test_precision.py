@@ -1,6 +1,6 @@
 """`precision: auto`: bf16 for a pretrained model where the hardware computes it natively, fp32 otherwise."""
 
-import platform
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,13 +22,18 @@ def test_a_stage_knows_whether_its_model_descends_from_a_pretrained_one(name, pr
     assert {stage: pipeline.stages.pretrained(stage) for stage in pretrained} == pretrained
 
 
+def _stage(name: str, stage: str, *overrides: str) -> SimpleNamespace:
+    """What a recipe is given of its pipeline: the block, the stage's name, the pipeline."""
+    _, pipeline = load_pipeline(ROOT / "pipelines.yaml", name, list(overrides))
+    return SimpleNamespace(config=pipeline.stages.block(stage), stage=stage, pipeline=pipeline)
+
+
 def test_auto_is_fp32_for_a_scratch_model_and_left_to_the_worker_for_a_pretrained_one():
-    _, demo = load_pipeline(ROOT / "pipelines.yaml", "demo")
-    assert demo.stages.sft.precision == "auto" and demo.stages.ppo.precision == "auto"  # the default
-    assert precision.for_model(demo.stages.sft, pretrained=False).precision == "fp32"
-    assert precision.for_model(demo.stages.sft, pretrained=True).precision == "auto"
-    chosen = demo.stages.ppo.model_copy(update={"precision": "bf16"})
-    assert precision.for_model(chosen, pretrained=False).precision == "bf16"  # what the config says stands
+    assert _stage("demo", "sft").config.precision == "auto" and _stage("demo", "ppo").config.precision == "auto"  # the default
+    assert precision.for_stage(_stage("demo", "sft")).precision == "fp32"
+    assert precision.for_stage(_stage("demo", "ppo")).precision == "fp32"
+    assert precision.for_stage(_stage("smol-sentiment", "ppo")).precision == "auto"
+    assert precision.for_stage(_stage("demo", "ppo", "stages.ppo.precision=bf16")).precision == "bf16"  # what the config says stands
 
 
 @pytest.mark.parametrize("flags, auto", [
@@ -38,7 +43,7 @@ def test_auto_is_fp32_for_a_scratch_model_and_left_to_the_worker_for_a_pretraine
     (set(), "fp32"),  # no /proc/cpuinfo
 ])
 def test_auto_on_a_cpu_is_bf16_only_where_it_computes_bf16_natively(monkeypatch, flags, auto):
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset(flags))
     assert precision.choose("auto", CPU) == auto
     assert precision.choose("fp32", CPU) == "fp32" and precision.choose("bf16", CPU) == "bf16"
     line = precision.describe(auto, CPU)
@@ -46,6 +51,9 @@ def test_auto_on_a_cpu_is_bf16_only_where_it_computes_bf16_natively(monkeypatch,
     assert ("natively" in line) == (auto == "bf16") and ("emulated" in line) == (auto == "fp32")
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or platform.system() != "Linux", reason="reads Linux's x86 flags")
-def test_this_machines_cpu_flags_are_read():
-    assert "sse2" in precision._cpu_flags()  # every x86-64 CPU has it
+def test_the_cpu_flags_are_read_from_every_processor_line_of_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu sse2 avx2 amx_tile\nbugs\t\t: sysret_ss_attrs\n")
+    assert precision._cpu_flags(cpuinfo) == {"fpu", "sse2", "avx2", "avx512_bf16", "amx_tile"}
+    assert precision._cpu_flags(tmp_path / "absent") == frozenset()  # not Linux: auto keeps fp32

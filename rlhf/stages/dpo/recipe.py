@@ -29,7 +29,7 @@ from rlhf.stages import policies
 
 
 def train_dpo(ctx: StageContext) -> StageResult:
-    config: DpoStage = precision.for_model(ctx.config, ctx.pipeline.stages.pretrained(ctx.stage))
+    config: DpoStage = precision.for_stage(ctx)
     start = policies.starting_policy(ctx, ctx.stage)
     pair_dir = ctx.work / "pairs"  # made once per attempt, so a resumed attempt trains on the same pairs
     if not (pair_dir / "eval.parquet").exists():

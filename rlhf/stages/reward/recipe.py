@@ -28,7 +28,7 @@ from rlhf.lifecycle import StageContext, StageResult
 
 
 def train_reward(ctx: StageContext) -> StageResult:
-    config: RewardStage = precision.for_model(ctx.config, ctx.pipeline.stages.pretrained(ctx.stage))
+    config: RewardStage = precision.for_stage(ctx)
     data_dir = ctx.input("data")
     if config.model is None:
         base = ctx.input("policy") / "model"

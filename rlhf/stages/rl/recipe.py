@@ -24,7 +24,7 @@ from pathlib import Path
 import mlflow
 
 from rlhf import models, plots, precision, registry
-from rlhf.blocks import Lora, ScratchModel
+from rlhf.blocks import Lora
 from rlhf.stages.rl.config import RlStage
 from rlhf.data.prepare import load_splits
 from rlhf.errors import InputError
@@ -37,7 +37,7 @@ log = logging.getLogger("rlhf")
 
 
 def train_rl(ctx: StageContext) -> StageResult:
-    config: RlStage = precision.for_model(ctx.config, ctx.pipeline.stages.pretrained(ctx.stage))
+    config: RlStage = precision.for_stage(ctx)
     data_dir, start = ctx.input("data"), policies.starting_policy(ctx, ctx.stage)
     gold = ctx.gold_name
 
@@ -96,8 +96,7 @@ def _critic_lora(config: RlStage, ctx: StageContext) -> Lora | None:
         return None
     if config.critic_lora != "auto":
         return config.critic_lora
-    start = ctx.pipeline.stages.given("policy", ctx.stage)  # the block of the stage that made the starting policy
-    return None if isinstance(getattr(start, "model", None), ScratchModel) else Lora()
+    return Lora() if ctx.pipeline.stages.pretrained(ctx.stage) else None
 
 
 

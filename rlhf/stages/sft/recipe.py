@@ -25,7 +25,7 @@ from rlhf.lifecycle import StageContext, StageResult
 
 
 def train_sft(ctx: StageContext) -> StageResult:
-    config: SftStage = precision.for_model(ctx.config, ctx.pipeline.stages.pretrained(ctx.stage))
+    config: SftStage = precision.for_stage(ctx)
     data_dir = ctx.input("data")
     texts = (text_of(row["prompt"]) + "\n" + text_of(row["completion"]) for row in _instructions(data_dir)["train"])
     base = models.provision(config.model, texts, ctx.seed, f"stages.{ctx.stage}.model", ctx.work / "base", ctx.home)
