@@ -109,8 +109,35 @@ def test_logprobs_and_entropy_use_the_temperature():
     logits = t([2.0, 0.0, -1.0]).unsqueeze(0)  # [batch 1, length 1, vocab 3]
     tokens = torch.tensor([[0]])
     scaled = torch.log_softmax(logits / 0.5, -1)
-    assert A.token_logprobs(logits, tokens, 0.5).item() == pytest.approx(scaled[0, 0, 0].item())
+    assert A.token_logprobs(logits, tokens, 0.5).item() == pytest.approx(scaled[0, 0, 0].item(), abs=1e-6)
     assert A.entropy(logits, 1.0).item() == pytest.approx(-(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logprobs_and_entropy_equal_the_full_log_softmax(monkeypatch, dtype):
+    monkeypatch.setattr(A, "CHUNK_ELEMENTS", 3 * 2 * 11)  # blocks of 2 positions over a batch of 3: 4 blocks of 7
+    full = torch.randn(3, 8, 11, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    logits = full[:, :-1]  # the view response_logits returns: not contiguous
+    tokens = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(3, 7, generator=torch.Generator().manual_seed(2))
+    logp = A.token_logprobs(logits, tokens, 0.7)
+    (grad,) = torch.autograd.grad((logp * weights).sum(), full)
+    want_logp = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (want_grad,) = torch.autograd.grad((want_logp * weights).sum(), full)
+    assert logp.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(logp, want_logp)
+    torch.testing.assert_close(grad, want_grad)
+    scaled = torch.log_softmax(logits.detach().float() / 0.7, -1)
+    torch.testing.assert_close(A.entropy(logits, 0.7), -(scaled.exp() * scaled).sum(-1))
+
+
+def test_logprobs_keep_no_vocabulary_wide_tensor_for_the_backward_but_the_logits():
+    logits = torch.randn(2, 5, 50, requires_grad=True) * 1.0
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        A.token_logprobs(logits, torch.zeros(2, 5, dtype=torch.long), 0.7)
+    wide = [x for x in saved if x.shape[-1] == 50]
+    assert len(wide) == 1 and wide[0].data_ptr() == logits.data_ptr()
 
 
 def test_response_mask_stops_after_the_first_eos():

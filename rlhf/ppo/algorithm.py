@@ -50,15 +50,63 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, moments: torch.Tenso
 # ---------------------------------------------------------------- log-probabilities
 
 
+# A block of the vocabulary-wide work holds at most this many fp32 elements (64 MiB): the log-softmax over
+# [batch, tokens, vocab] is never materialised, which on a 49k vocabulary is most of an RL step's activations.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _blocks(logits: torch.Tensor) -> list[torch.Tensor]:
+    """Views of `logits` along the token axis, each at most CHUNK_ELEMENTS (one token position at the least)."""
+    batch, tokens, vocab = logits.shape
+    return list(logits.split(max(1, CHUNK_ELEMENTS // max(1, batch * vocab)), dim=1)) if tokens else [logits]
+
+
+def _logsumexp(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.cat([torch.logsumexp(block.float() / temperature, dim=-1) for block in _blocks(logits)], dim=1)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """Keeps the logits and each position's log-normaliser; the backward rebuilds the softmax block by block
+    and writes the gradient in the logits' own dtype."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature):
+        normaliser = _logsumexp(logits, temperature)
+        picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1).float() / temperature
+        ctx.save_for_backward(logits, tokens, normaliser)
+        ctx.temperature = temperature
+        return picked - normaliser
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, tokens, normaliser = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad_logits = torch.empty_like(logits)
+        start = 0
+        for block in _blocks(logits):
+            end = start + block.shape[1]
+            scale = grad[:, start:end, None].float() / temperature
+            part = torch.exp(block.float() / temperature - normaliser[:, start:end, None]).mul_(-scale)
+            part.scatter_add_(-1, tokens[:, start:end, None], scale)
+            grad_logits[:, start:end] = part
+            start = end
+        return grad_logits, None, None
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log p(token) under softmax(logits / temperature): the one sampling distribution used everywhere."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log p(token) under softmax(logits / temperature), in fp32: the one sampling distribution used everywhere."""
+    return _TokenLogprobs.apply(logits, tokens, temperature)
 
 
+@torch.no_grad()
 def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Entropy of softmax(logits / temperature) at each position, in fp32; a statistic, so no gradient."""
+    parts = []
+    for block in _blocks(logits):
+        logp = block.float() / temperature
+        logp -= torch.logsumexp(logp, dim=-1, keepdim=True)
+        parts.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(parts, dim=1)
 
 
 # ---------------------------------------------------------------- rewards
