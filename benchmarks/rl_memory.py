@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/rl_memory.py                          # 135m 360m 1b, bf16, checkpointing on
     .venv/bin/python benchmarks/rl_memory.py --sizes 135m --precision fp32 --no-gradient-checkpointing
+    .venv/bin/python benchmarks/rl_memory.py --sizes 135m --micro-batch-size 0   # every sequence at once
 
 Llama-shaped models with random weights and SmolLM2's tokenizer and 49k vocabulary (`make smollm2`), saved
 once under ~/.cache/rlhf-pipeline/shapes/: SmolLM2-135M's shape, SmolLM2-360M's, and a 1B one (hidden 2048,
@@ -72,12 +73,12 @@ def shape(size: str) -> Path:
     return directory
 
 
-def rl_block(method: str, precision: str, checkpointing: bool):
-    return METHODS[method](precision=precision, gradient_checkpointing=checkpointing, micro_batch_size=4)
+def rl_block(method: str, precision: str, checkpointing: bool, micro_batch: int):
+    return METHODS[method](precision=precision, gradient_checkpointing=checkpointing, micro_batch_size=micro_batch or None)
 
 
-def measure_roles(size: str, method: str, precision: str, checkpointing: bool) -> dict:
-    directory, rl = shape(size), rl_block(method, precision, checkpointing)
+def measure_roles(size: str, method: str, precision: str, checkpointing: bool, micro_batch: int) -> dict:
+    directory, rl = shape(size), rl_block(method, precision, checkpointing, micro_batch)
     roles = R.load(directory / "policy", directory / "reward", rl, Lora() if rl.has_critic else None, torch.device("cpu"))
 
     def held(model, trainable: bool | None = None) -> float:
@@ -93,10 +94,10 @@ def measure_roles(size: str, method: str, precision: str, checkpointing: bool) -
     return figures
 
 
-def measure_iteration(size: str, method: str, precision: str, checkpointing: bool) -> dict:
+def measure_iteration(size: str, method: str, precision: str, checkpointing: bool, micro_batch: int) -> dict:
     import mlflow
 
-    directory, rl = shape(size), rl_block(method, precision, checkpointing)
+    directory, rl = shape(size), rl_block(method, precision, checkpointing, micro_batch)
     prompts = [[{"role": "user", "content": json.loads(line)["prompt"]}]
                for line in (ROOT / "data" / "everyday-prompts.jsonl").read_text().splitlines()[:64]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,9 +113,10 @@ def measure_iteration(size: str, method: str, precision: str, checkpointing: boo
     return {key: history[key] for key in ("peak_rss_mb", "seconds_setup", "seconds_generate", "seconds_score", "seconds_train")}
 
 
-def child(kind: str, size: str, method: str, precision: str, checkpointing: bool) -> dict:
+def child(kind: str, size: str, method: str, precision: str, checkpointing: bool, micro_batch: int) -> dict:
     """One measurement in a process of its own."""
-    command = [sys.executable, __file__, "--child", kind, "--sizes", size, "--methods", method, "--precision", precision]
+    command = [sys.executable, __file__, "--child", kind, "--sizes", size, "--methods", method, "--precision", precision,
+               "--micro-batch-size", str(micro_batch)]
     command += [] if checkpointing else ["--no-gradient-checkpointing"]
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
@@ -128,19 +130,21 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
+    parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward; 0: all at once")
     parser.add_argument("--child", choices=["roles", "iteration"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         measure = measure_roles if args.child == "roles" else measure_iteration
-        print(json.dumps(measure(args.sizes[0], args.methods[0], args.precision, args.checkpointing)), flush=True)
+        print(json.dumps(measure(args.sizes[0], args.methods[0], args.precision, args.checkpointing, args.micro_batch_size)), flush=True)
         return
-    print(f"{args.precision}, gradient checkpointing {'on' if args.checkpointing else 'off'}, micro-batches of 4, "
+    print(f"{args.precision}, gradient checkpointing {'on' if args.checkpointing else 'off'}, "
+          f"{f'micro-batches of {args.micro_batch_size}' if args.micro_batch_size else 'no micro-batches'}, "
           f"{os.cpu_count()} CPUs; MB = 2^20 bytes", flush=True)
     for size in args.sizes:
         shape(size)
         for method in args.methods:
-            roles = child("roles", size, method, args.precision, args.checkpointing)
-            iteration = child("iteration", size, method, args.precision, args.checkpointing)
+            roles = child("roles", size, method, args.precision, args.checkpointing, args.micro_batch_size)
+            iteration = child("iteration", size, method, args.precision, args.checkpointing, args.micro_batch_size)
             print(f"{size} {method}: {roles['parameters_m']:.0f}M parameters; weights as held "
                   f"(actor {roles['actor_frozen_mb']:.0f} MB frozen + {roles['actor_lora_mb']:.1f} MB LoRA"
                   + (f", critic {roles['critic_trainable_mb']:.1f} MB trainable over "
