@@ -255,8 +255,9 @@ def load_tokenizer(directory: Path, padding_side: str = "right"):
 PROMPT_ADAPTER = "prompt"  # inside a saved policy: a prompt-learning adapter to apply to its weights
 
 
-def load_causal_lm(directory: Path):
-    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+def load_causal_lm(directory: Path, dtype: torch.dtype | None = None):
+    """`dtype`: the weights' dtype as loaded (default: as saved); loading in bf16 never holds an fp32 copy."""
+    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=dtype or "auto")
     if (Path(directory) / PROMPT_ADAPTER).is_dir():
         from peft import PeftModel
 
@@ -264,9 +265,10 @@ def load_causal_lm(directory: Path):
     return model
 
 
-def load_reward_model(directory: Path):
-    """A saved reward model (one output, pooling on its own padding token)."""
-    return AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, use_safetensors=True)
+def load_reward_model(directory: Path, dtype: torch.dtype | None = None):
+    """A saved reward model (one output, pooling on its own padding token), its weights in `dtype` (default: as saved)."""
+    return AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, use_safetensors=True,
+                                                              dtype=dtype or "auto")
 
 
 def new_reward_model(base: Path):

@@ -79,43 +79,44 @@ def load(policy_dir: Path, reward_dir: Path, rl: RlStage, critic_lora: Lora | No
     """In this order: the LoRA initialisations draw from the seeded generator."""
     tokenizer = models.load_tokenizer(policy_dir, padding_side="left")
     reward_tokenizer = models.load_tokenizer(reward_dir, padding_side="left")
-    policy = actor(policy_dir, rl, device)
+    frozen = torch.bfloat16 if rl.precision == "bf16" else None  # loaded so: never an fp32 copy of a frozen base
+    policy = actor(policy_dir, rl, device, frozen)
     critic_base = None
     if rl.has_critic:
         critic_base = reward_dir if _same_tokens(tokenizer, reward_tokenizer) else policy_dir
-    critic = _critic(critic_base, critic_lora, rl, device) if critic_base is not None else None
+    critic = _critic(critic_base, critic_lora, rl, device, frozen) if critic_base is not None else None
     # a LoRA critic over the reward model's own weights is the reward model with its adapter off
-    reward = None if critic_lora is not None and critic_base == reward_dir else models.load_reward_model(reward_dir).to(device)
+    reward = None if critic_lora is not None and critic_base == reward_dir else models.load_reward_model(reward_dir, frozen).to(device)
     if reward is not None:
         reward.eval().requires_grad_(False)
     for model in filter(None, (policy, critic, reward)):  # the reference is the actor without its adapter
         models.disable_dropout(model)
     if rl.precision == "bf16":
-        for model in (policy, reward if reward is not None else critic):
-            _frozen_to_bf16(model)
+        for model in filter(None, (policy, critic, reward)):
+            _hold_in_bf16(model)
         if device.type == "cpu":  # in bf16 on CPU, SDPA's kernels took 2-5x eager attention's time forward and back
             for model in filter(None, (policy, critic, reward)):
                 models.unwrapped(model).set_attn_implementation("eager")
     return Roles(policy, critic, reward, tokenizer, reward_tokenizer)
 
 
-def _frozen_to_bf16(model: torch.nn.Module) -> None:
+def _hold_in_bf16(model: torch.nn.Module) -> None:
     """Frozen weights held in bf16, as a bf16 checkpoint loads: half the memory, no rounding copy per matmul,
-    and a bf16 residual stream, which halves what the element-wise operations move. Trainable weights (LoRA)
-    stay fp32 and autocast rounds them; buffers (rotary frequencies) stay fp32. peft would cast a LoRA
-    layer's bf16 input up to its adapter's fp32 for autocast to round it back: the same values, two copies."""
+    and a bf16 residual stream, which halves what the element-wise operations move. Trainable weights (LoRA,
+    a critic's head or all of a full critic) are fp32 and autocast rounds them; buffers (rotary frequencies)
+    stay fp32. peft would cast a LoRA layer's bf16 input up to its adapter's fp32 for autocast to round it
+    back: the same values, two copies."""
     for param in model.parameters():
-        if not param.requires_grad:
-            param.data = param.data.to(torch.bfloat16)
+        param.data = param.data.to(torch.float32 if param.requires_grad else torch.bfloat16)
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False
 
 
-def actor(policy_dir: Path, rl: RlStage, device: torch.device):
+def actor(policy_dir: Path, rl: RlStage, device: torch.device, frozen: torch.dtype | None = None):
     from peft import get_peft_model
 
-    policy = get_peft_model(models.load_causal_lm(policy_dir), peft_config(rl.lora, "CAUSAL_LM")).to(device)
+    policy = get_peft_model(models.load_causal_lm(policy_dir, frozen), peft_config(rl.lora, "CAUSAL_LM")).to(device)
     if rl.gradient_checkpointing:
         policy.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy
@@ -131,8 +132,8 @@ def _same_tokens(tokenizer, reward_tokenizer) -> bool:
     return False
 
 
-def _critic(base: Path, lora: Lora | None, rl: RlStage, device):
-    critic = models.load_reward_model(base)
+def _critic(base: Path, lora: Lora | None, rl: RlStage, device, frozen: torch.dtype | None):
+    critic = models.load_reward_model(base, frozen if lora is not None else None)  # a full critic trains in fp32
     if lora is not None:
         from peft import get_peft_model
 
