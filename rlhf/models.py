@@ -258,11 +258,19 @@ PROMPT_ADAPTER = "prompt"  # inside a saved policy: a prompt-learning adapter to
 def load_causal_lm(directory: Path, dtype: torch.dtype | None = None):
     """`dtype`: the weights' dtype as loaded (default: as saved); loading in bf16 never holds an fp32 copy."""
     model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=dtype or "auto")
+    model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     if (Path(directory) / PROMPT_ADAPTER).is_dir():
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, Path(directory) / PROMPT_ADAPTER)
     return model
+
+
+def _contiguous_input(module, args):
+    """The LM head's input as one block. `logits_to_keep` hands it a strided view of the last positions, and a
+    bf16 product on such a view took 0.9-1.1 s and 0.9 GB over SmolLM2's 49k-token head on a CPU, against 7-100 ms
+    and no more than its output for the same rows copied (torch 2.13, AVX512-BF16; in fp32 a third slower)."""
+    return (args[0].contiguous(), *args[1:])
 
 
 def load_reward_model(directory: Path, dtype: torch.dtype | None = None):

@@ -12,11 +12,14 @@ import logging
 import random
 from collections.abc import Callable
 
-from rlhf import generation, models
+import torch
+
+from rlhf import generation, models, precision, stage_log
 from rlhf.data.formats import Messages, text_of
 
 log = logging.getLogger("rlhf")
 
+CPU = torch.device("cpu")  # pairs are sampled in the driver
 Scorer = Callable[[list[Messages], list[str]], list[float]]  # prompts, responses -> scores
 
 
@@ -28,10 +31,19 @@ def reward_model_scorer(model, tokenizer) -> Scorer:
     return lambda prompts, responses: generation.score(model, tokenizer, prompts, responses, max_length=None)
 
 
-def policy_pairs(policy_dir, prompts, counts: dict[str, int], scorer: Scorer, min_gap: float, sampling, seed: int) -> dict[str, list[dict]]:
-    """Pairs for each split (`counts`: train, eval) from that split's prompts; `sampling` is the stage's
-    pairs block (max_new_tokens, temperature, batch_size)."""
-    policy, tokenizer = models.load_causal_lm(policy_dir), models.load_tokenizer(policy_dir)
+def sampling_precision(setting: str, stage: str) -> str:
+    """What `stage`, whose block says `precision: setting`, samples pairs in: on the CPU, in the driver; said in its log."""
+    chosen = precision.choose(setting, CPU)
+    stage_log.detail.info(f"{stage}: sampling pairs: {precision.describe(chosen, CPU)}")
+    return chosen
+
+
+def policy_pairs(policy_dir, prompts, counts: dict[str, int], scorer: Scorer, min_gap: float, sampling, seed: int,
+                 chosen: str) -> dict[str, list[dict]]:
+    """Pairs for each split (`counts`: train, eval) from that split's prompts, sampled on the CPU in `chosen`
+    precision; `sampling` is the stage's pairs block (max_new_tokens, temperature, batch_size)."""
+    policy = precision.attention(models.load_causal_lm(policy_dir, precision.dtype(chosen)), chosen, CPU)
+    tokenizer = models.load_tokenizer(policy_dir)
     return {
         split: sample_pairs(policy, tokenizer, list(prompts[split]["prompt"]), count, scorer, min_gap,
                             sampling.max_new_tokens, sampling.temperature, seed + offset, sampling.batch_size)

@@ -13,14 +13,16 @@ from pathlib import Path
 
 import torch
 
+from rlhf import models
+
 _NATIVE_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def for_stage(ctx):
+def for_stage(ctx, model_of: str | None = None):
     """The block of the stage `ctx` (`rlhf.lifecycle.StageContext`) runs, with `auto` settled to fp32 for a
-    scratch model; a pretrained one keeps `auto`."""
+    scratch model; a pretrained one keeps `auto`. The model is the one `model_of` trains (default: this stage)."""
     config = ctx.config
-    if config.precision == "auto" and not ctx.pipeline.stages.pretrained(ctx.stage):
+    if config.precision == "auto" and not ctx.pipeline.stages.pretrained(model_of or ctx.stage):
         return config.model_copy(update={"precision": "fp32"})
     return config
 
@@ -30,6 +32,19 @@ def choose(setting: str, device: torch.device) -> str:
     if setting != "auto":
         return setting
     return "bf16" if native_bf16(device) else "fp32"
+
+
+def dtype(chosen: str) -> torch.dtype | None:
+    """What frozen weights are loaded in to compute in `chosen`: bf16, or None (as saved)."""
+    return torch.bfloat16 if chosen == "bf16" else None
+
+
+def attention(model, chosen: str, device: torch.device):
+    """`model`, attending eagerly where it computes in bf16 on a CPU: SDPA's kernels took 2-5x eager
+    attention's time there, forward and back."""
+    if chosen == "bf16" and device.type == "cpu":
+        models.unwrapped(model).set_attn_implementation("eager")
+    return model
 
 
 def describe(chosen: str, device: torch.device) -> str:

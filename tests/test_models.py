@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf import generation, models
 from rlhf.blocks import PretrainedModel, ScratchModel
@@ -56,6 +57,20 @@ def test_provision_saves_once_and_reloads_the_same_model(tokenizer, tmp_path: Pa
     loaded = models.load_tokenizer(base)
     assert loaded.chat_template == models.CHAT_TEMPLATE and loaded.pad_token == models.PAD
     assert models.load_causal_lm(base).config.hidden_size == 32
+
+
+def test_a_loaded_lm_head_reads_the_kept_positions_as_one_block_in_bf16_too(tokenizer, tmp_path: Path):
+    models.build_model(ScratchModel(init="scratch"), tokenizer, seed=0).save_pretrained(tmp_path)
+    for dtype in (None, torch.bfloat16):
+        model = models.load_causal_lm(tmp_path, dtype)
+        seen = []
+        model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+        ids = torch.randint(5, len(tokenizer), (3, 9))
+        with torch.no_grad():
+            kept = model(input_ids=ids, logits_to_keep=4).logits  # a strided view of the last 4 positions, as RL asks
+            whole = model(input_ids=ids).logits[:, -4:]
+        assert seen == [True, True] and kept.dtype == (dtype or torch.float32)
+        torch.testing.assert_close(kept, whole)
 
 
 def test_a_missing_pretrained_model_is_an_input_error_naming_the_key(tmp_path: Path, monkeypatch):

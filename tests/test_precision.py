@@ -34,6 +34,9 @@ def test_auto_is_fp32_for_a_scratch_model_and_left_to_the_worker_for_a_pretraine
     assert precision.for_stage(_stage("demo", "ppo")).precision == "fp32"
     assert precision.for_stage(_stage("smol-sentiment", "ppo")).precision == "auto"
     assert precision.for_stage(_stage("demo", "ppo", "stages.ppo.precision=bf16")).precision == "bf16"  # what the config says stands
+    # the evaluation samples and scores with its candidate's model: SmolLM2 in smol-sentiment, which has no sft stage
+    assert precision.for_stage(_stage("smol-sentiment", "evaluate"), model_of="ppo").precision == "auto"
+    assert precision.for_stage(_stage("demo", "evaluate"), model_of="ppo").precision == "fp32"
 
 
 @pytest.mark.parametrize("flags, auto", [

@@ -111,12 +111,14 @@ def test_every_stage_completes_on_smollm2_with_its_own_tokenizer(home):
 def test_auto_precision_chooses_for_smollm2_what_this_cpu_computes_natively(home):
     expected = precision.choose("auto", torch.device("cpu"))  # bf16 with AVX512-BF16 or AMX, else fp32
     mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
-    for pipeline, stage in (("smol-hh", "sft"), ("smol-hh", "reward"), ("smol-start", "ppo")):
+    for pipeline, stage in (("smol-hh", "sft"), ("smol-hh", "reward"), ("smol-start", "ppo"), ("smol-start", "evaluate")):
         made = manifest(home, pipeline, stage)
         params = mlflow.get_run(made["mlflow_run_id"]).data.params
         assert (params["cfg.precision"], params["precision_chosen"]) == ("auto", expected)
         log = (Path(made["outputs"]["path"]).parent / "stage.log").read_text()
         assert f"computing in {expected}: " in log
+    pairs_log = Path(manifest(home, "smol-start", "reward")["outputs"]["path"]).parent / "stage.log"
+    assert f"reward: sampling pairs: computing in {expected}: " in pairs_log.read_text()  # the reward model's own samples
 
 
 def test_evaluation_shows_real_text_and_gold_scores_exactly_that_text(home):

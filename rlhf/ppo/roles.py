@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import generation, models
+from rlhf import generation, models, precision
 from rlhf.blocks import Lora
 from rlhf.stages.rl.config import RlStage
 from rlhf.training import peft_config
@@ -79,7 +79,7 @@ def load(policy_dir: Path, reward_dir: Path, rl: RlStage, critic_lora: Lora | No
     """In this order: the LoRA initialisations draw from the seeded generator."""
     tokenizer = models.load_tokenizer(policy_dir, padding_side="left")
     reward_tokenizer = models.load_tokenizer(reward_dir, padding_side="left")
-    frozen = torch.bfloat16 if rl.precision == "bf16" else None  # loaded so: never an fp32 copy of a frozen base
+    frozen = precision.dtype(rl.precision)  # loaded so: never an fp32 copy of a frozen base
     policy = actor(policy_dir, rl, device, frozen)
     critic_base = None
     if rl.has_critic:
@@ -93,14 +93,11 @@ def load(policy_dir: Path, reward_dir: Path, rl: RlStage, critic_lora: Lora | No
         models.disable_dropout(model)
     if rl.precision == "bf16":
         for model in filter(None, (policy, critic, reward)):
-            _hold_in_bf16(model)
-        if device.type == "cpu":  # in bf16 on CPU, SDPA's kernels took 2-5x eager attention's time forward and back
-            for model in filter(None, (policy, critic, reward)):
-                models.unwrapped(model).set_attn_implementation("eager")
+            precision.attention(_hold_in_bf16(model), rl.precision, device)
     return Roles(policy, critic, reward, tokenizer, reward_tokenizer)
 
 
-def _hold_in_bf16(model: torch.nn.Module) -> None:
+def _hold_in_bf16(model: torch.nn.Module) -> torch.nn.Module:
     """Frozen weights held in bf16, as a bf16 checkpoint loads: half the memory, no rounding copy per matmul,
     and a bf16 residual stream, which halves what the element-wise operations move. Trainable weights (LoRA,
     a critic's head or all of a full critic) are fp32 and autocast rounds them; buffers (rotary frequencies)
@@ -111,6 +108,7 @@ def _hold_in_bf16(model: torch.nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False
+    return model
 
 
 def actor(policy_dir: Path, rl: RlStage, device: torch.device, frozen: torch.dtype | None = None):

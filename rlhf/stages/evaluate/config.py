@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from rlhf.blocks import StageConfig, Strict
+from rlhf.blocks import Precision, StageConfig, Strict
+
 
 class HackingCheck(Strict):
     """Warn of reward hacking: the reward model's gain is large while the gold gain is small or negative."""
@@ -35,6 +36,10 @@ class EvaluateStage(StageConfig):
     prompts: int = Field(128, ge=1, description="generations per policy, cycling through the held-out prompts")
     max_new_tokens: int = Field(40, ge=1, description="tokens per response, as both policies sample them")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of both policies")
+    precision: Precision = Field(
+        "auto", description="bf16: both policies and the reward model held in bf16 to sample and score; auto: bf16 for a "
+        "pretrained policy where the hardware computes bf16 natively (CUDA, AVX512-BF16, AMX), else fp32",
+    )
     hacking: HackingCheck = Field(HackingCheck(), description="when the evaluation warns of reward hacking")
     registry: RegistryGates | None = Field(RegistryGates(), description="null never registers")
 

@@ -17,8 +17,9 @@ import random
 import statistics
 
 import mlflow
+import torch
 
-from rlhf import evaluation, generation, models, plots, registry
+from rlhf import evaluation, generation, models, plots, precision, registry, stage_log
 from rlhf.stages.evaluate.config import EvaluateStage
 from rlhf.data.formats import text_of
 from rlhf.data.prepare import load_splits
@@ -27,10 +28,14 @@ from rlhf.lifecycle import StageContext, StageResult
 from rlhf.stages import policies
 
 ROLES = ("baseline", "candidate")
+CPU = torch.device("cpu")  # the evaluation runs in the driver
 
 
 def evaluate_policies(ctx: StageContext) -> StageResult:
-    config: EvaluateStage = ctx.config
+    config: EvaluateStage = precision.for_stage(ctx, model_of=ctx.config.candidate)  # the baseline descends from its start
+    chosen = precision.choose(config.precision, CPU)
+    stage_log.detail.info(f"{ctx.stage}: {precision.describe(chosen, CPU)}")
+    mlflow.log_param("precision_chosen", chosen)
     held_out = list(load_splits(ctx.input("data") / "prompts")["eval"]["prompt"])
     prompts = [held_out[i % len(held_out)] for i in range(config.prompts)]
     gold_reward = ctx.gold()
@@ -38,11 +43,13 @@ def evaluate_policies(ctx: StageContext) -> StageResult:
     start = policies.starting_policy(ctx, config.candidate)
     tokenizer = models.load_tokenizer(start)
     reward_dir = policies.reward_model(ctx, config.candidate)
-    reward_model, reward_tokenizer = models.load_reward_model(reward_dir), models.load_tokenizer(reward_dir)
+    reward_model = precision.attention(models.load_reward_model(reward_dir, precision.dtype(chosen)), chosen, CPU)
+    reward_tokenizer = models.load_tokenizer(reward_dir)
     mlflow.set_tags({"rlhf.candidate": config.candidate, "rlhf.baseline": config.baseline})
 
     baseline = start if config.baseline == "start" else ctx.upstream[config.baseline] / "model"
-    loaded = {"baseline": models.load_causal_lm(baseline), "candidate": models.load_causal_lm(ctx.upstream[config.candidate] / "model")}
+    loaded = {role: precision.attention(models.load_causal_lm(policy, precision.dtype(chosen)), chosen, CPU)
+              for role, policy in (("baseline", baseline), ("candidate", ctx.upstream[config.candidate] / "model"))}
     results = {}
     for role, policy in loaded.items():
         responses, ended = generation.sample(

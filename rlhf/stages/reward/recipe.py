@@ -116,6 +116,7 @@ def _make_pairs(config: RewardStage, ctx: StageContext, policy_dir: Path) -> Non
     made = pairs.policy_pairs(
         policy_dir, load_splits(data_dir / "prompts"), {"train": config.pairs.count, "eval": config.pairs.eval_count},
         pairs.gold_scorer(ctx.gold()), config.pairs.min_gold_gap, config.pairs, ctx.seed,
+        pairs.sampling_precision(config.precision, ctx.stage),
     )
     write_splits(made, ctx.work / "pairs")
 
