@@ -8,8 +8,10 @@ clipped at 1, AdamW with a linear decay from 1e-4. The policy is SmolLM2-135M-In
 random weights of its shape and tokenizer (`random-135m`), or a tiny random Llama (`tiny`, for a smoke test);
 the reward model is a sequence classifier on the policy's weights (`models.new_reward_model`, random head:
 speed does not depend on what it scores). Both are saved once under ~/.cache/rlhf-pipeline/grpo-vs-trl/
-and both sides load them from there, and both score the decoded text with the project's scorer
-(`generation.score`, what `Roles.scores` calls): TRL through a `reward_funcs` callable.
+and both sides load them from there (the policy through `models.load_causal_lm` on both: TRL too gets its LM
+head fed one block, without which a bf16 CPU spends about a second per generated token there), and both
+score the decoded text with the project's scorer (`generation.score`, what `Roles.scores` calls): TRL
+through a `reward_funcs` callable.
 
 Each side runs in a fresh process of this file (`--side`) on 2 CPU threads: TRL's GRPOTrainer, and ours as
 the `grpo` stage through `rlhf.ppo.driver.run` as 1 worker x 2 CPUs (in that process, as a pipeline with
