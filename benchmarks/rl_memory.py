@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/rl_memory.py --sizes 135m --micro-batch-size 0   # every sequence at once
 
 Llama-shaped models with random weights and SmolLM2's tokenizer and 49k vocabulary (`make smollm2`), saved
-once under ~/.cache/rlhf-pipeline/shapes/: SmolLM2-135M's shape, SmolLM2-360M's, and a 1B one (hidden 2048,
+once in bf16 under ~/.cache/rlhf-pipeline/shapes/: SmolLM2-135M's shape, SmolLM2-360M's, and a 1B one (hidden 2048,
 16 layers). The work is smol-sentiment's PPO iteration: 16 responses of up to 32 tokens to its everyday
 prompts, 2 epochs of one minibatch, LoRA r16 on every linear layer, a LoRA critic; GRPO samples the same 16
 responses as 8 prompts times 2. Each measurement is a fresh process, so each peak is its own:
@@ -65,7 +65,7 @@ def shape(size: str) -> Path:
     config.num_labels = 1
     torch.manual_seed(0)
     for role, cls in (("policy", LlamaForCausalLM), ("reward", LlamaForSequenceClassification)):
-        model = cls(config)
+        model = cls(config).to(torch.bfloat16)  # as checkpoints on the hub mostly are: bf16 loads them with no copy
         model.save_pretrained(directory / role)
         tokenizer.save_pretrained(directory / role)
         del model

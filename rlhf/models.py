@@ -256,8 +256,9 @@ PROMPT_ADAPTER = "prompt"  # inside a saved policy: a prompt-learning adapter to
 
 
 def load_causal_lm(directory: Path, dtype: torch.dtype | None = None):
-    """`dtype`: the weights' dtype as loaded (default: as saved); loading in bf16 never holds an fp32 copy."""
-    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=dtype or "auto")
+    """`dtype`: the weights' dtype as loaded, whatever the checkpoint's (default fp32: a bf16 hub checkpoint
+    trains in fp32 unless a stage's precision says bf16); loading in bf16 never holds an fp32 copy."""
+    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=dtype or torch.float32)
     model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     if (Path(directory) / PROMPT_ADAPTER).is_dir():
         from peft import PeftModel
@@ -274,9 +275,9 @@ def _contiguous_input(module, args):
 
 
 def load_reward_model(directory: Path, dtype: torch.dtype | None = None):
-    """A saved reward model (one output, pooling on its own padding token), its weights in `dtype` (default: as saved)."""
+    """A saved reward model (one output, pooling on its own padding token), its weights in `dtype` (default fp32)."""
     return AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, use_safetensors=True,
-                                                              dtype=dtype or "auto")
+                                                              dtype=dtype or torch.float32)
 
 
 def new_reward_model(base: Path):
@@ -289,7 +290,7 @@ def new_reward_model(base: Path):
     writes, or with a new one (its embedding grows by a row nobody samples).
     """
     tokenizer = load_tokenizer(base)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, use_safetensors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, use_safetensors=True, dtype=torch.float32)
     written = set(tokenizer.apply_chat_template(_PROBE, tokenize=True, return_dict=False))
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in written:
         spare = [t.content for i, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special and i not in written]

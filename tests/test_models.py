@@ -59,8 +59,9 @@ def test_provision_saves_once_and_reloads_the_same_model(tokenizer, tmp_path: Pa
     assert models.load_causal_lm(base).config.hidden_size == 32
 
 
-def test_a_loaded_lm_head_reads_the_kept_positions_as_one_block_in_bf16_too(tokenizer, tmp_path: Path):
-    models.build_model(ScratchModel(init="scratch"), tokenizer, seed=0).save_pretrained(tmp_path)
+def test_a_bf16_checkpoint_loads_in_fp32_unless_asked_and_its_lm_head_reads_the_kept_positions_as_one_block(
+        tokenizer, tmp_path: Path):
+    models.build_model(ScratchModel(init="scratch"), tokenizer, seed=0).to(torch.bfloat16).save_pretrained(tmp_path)
     for dtype in (None, torch.bfloat16):
         model = models.load_causal_lm(tmp_path, dtype)
         seen = []
