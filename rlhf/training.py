@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import shutil
 from pathlib import Path
 
@@ -105,11 +106,24 @@ def tokens_per_second(log_history: list[dict], resumed_from_step: int, runtime: 
     return (counts[-1][1] - before) / runtime
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (the stage's, when it runs first or alone)."""
-    import resource
+_CLEAR_REFS, _STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def reset_peak_rss() -> None:
+    """Start this process's peak resident memory afresh, where Linux lets it (`/proc/self/clear_refs`): a stage
+    that runs in the driver after others reports its own peak, not theirs."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since `reset_peak_rss` (Linux's VmHWM), or over its life elsewhere."""
+    try:
+        return next(int(line.split()[1]) / 1024 for line in _STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def save_policy(trainer, tokenizer, outputs: Path) -> None:

@@ -90,6 +90,7 @@ def _train_loop(config: dict, session) -> None:
     In this process the Trainer keeps its own checkpoints (sealed, `training.resume_point`) and logs into the
     stage's active MLflow run; on Ray Train each checkpoint it saves is reported to Ray Train, and rank 0 joins
     the stage's run by id (driver environment variables do not reach the workers)."""
+    training.reset_peak_rss()  # in the driver's process, the stages before this one set their own peaks
     torch.set_num_threads(config["threads"])
     session.say(f"{config['name']}: worker {session.rank} of {session.world} {session.place} ({session.device})")
     seed_everything(config["seed"])  # the same initial heads and adapters on every worker

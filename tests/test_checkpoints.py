@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
 from rlhf import training
 
 
@@ -40,3 +42,11 @@ def test_seals_of_checkpoints_the_trainer_rotated_out_go_with_them(tmp_path):
     old.rmdir()
     save(trainer_dir, 10)
     assert sorted(p.name for p in trainer_dir.glob("*.sha256")) == ["checkpoint-10.sha256"]
+
+
+def test_a_stage_after_others_in_one_process_reports_its_own_peak_memory():
+    held = torch.ones(2**27)  # 512 MiB, resident once written
+    del held
+    before = training.peak_rss_mb()
+    training.reset_peak_rss()
+    assert training.peak_rss_mb() < before - 400

@@ -20,7 +20,6 @@ from __future__ import annotations
 import gc
 import json
 import random
-import resource
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rlhf import generation, gold, models, precision, progress
+from rlhf import generation, gold, models, precision, progress, training
 from rlhf.blocks import Lora
 from rlhf.data.formats import text_of
 from rlhf.errors import InputError
@@ -70,6 +69,7 @@ class _Run:
     """One worker's models, optimisers and position in the run, restored from the newest checkpoint if any."""
 
     def __init__(self, config: dict, session):
+        training.reset_peak_rss()  # in the driver's process, the stages before this one set their own peaks
         self.session, self.stage, self.seed = session, config["stage"], config["seed"]
         self.rank, self.world, self.device = session.rank, session.world, session.device
         session.say(f"{self.stage}: worker {self.rank} of {self.world} {session.place} ({self.device})")
@@ -168,7 +168,7 @@ class _Run:
             "kl": kl.sum(-1).mean(),
             "eos_share": rollout.ended.float().mean(),
             "response_length": rollout.mask.sum(-1).mean(),
-            "peak_rss_mb": torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mb": torch.tensor(training.peak_rss_mb()),
             **train_stats,
             **{k: torch.tensor(v) for k, v in timings.items()},
             "seconds_iteration": torch.tensor(seconds),  # since the previous iteration ended: its logging and checkpoint included
