@@ -42,7 +42,7 @@ def policy_pairs(policy_dir, prompts, counts: dict[str, int], scorer: Scorer, mi
                  chosen: str) -> dict[str, list[dict]]:
     """Pairs for each split (`counts`: train, eval) from that split's prompts, sampled on the CPU in `chosen`
     precision; `sampling` is the stage's pairs block (max_new_tokens, temperature, batch_size)."""
-    policy = precision.attention(models.load_causal_lm(policy_dir, precision.dtype(chosen)), chosen, CPU)
+    policy = precision.frozen(models.load_causal_lm, policy_dir, chosen, CPU)
     tokenizer = models.load_tokenizer(policy_dir)
     return {
         split: sample_pairs(policy, tokenizer, list(prompts[split]["prompt"]), count, scorer, min_gap,

@@ -35,8 +35,13 @@ def choose(setting: str, device: torch.device) -> str:
 
 
 def dtype(chosen: str) -> torch.dtype | None:
-    """What frozen weights are loaded in to compute in `chosen`: bf16, or None (as saved)."""
+    """What frozen weights are loaded in to compute in `chosen`: bf16, or None (the loaders' fp32)."""
     return torch.bfloat16 if chosen == "bf16" else None
+
+
+def frozen(load, directory: Path, chosen: str, device: torch.device):
+    """A model that only samples and scores, read by `load` (a `models` loader) to compute in `chosen` on `device`."""
+    return attention(load(directory, dtype(chosen)), chosen, device)
 
 
 def attention(model, chosen: str, device: torch.device):

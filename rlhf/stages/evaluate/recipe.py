@@ -43,12 +43,12 @@ def evaluate_policies(ctx: StageContext) -> StageResult:
     start = policies.starting_policy(ctx, config.candidate)
     tokenizer = models.load_tokenizer(start)
     reward_dir = policies.reward_model(ctx, config.candidate)
-    reward_model = precision.attention(models.load_reward_model(reward_dir, precision.dtype(chosen)), chosen, CPU)
+    reward_model = precision.frozen(models.load_reward_model, reward_dir, chosen, CPU)
     reward_tokenizer = models.load_tokenizer(reward_dir)
     mlflow.set_tags({"rlhf.candidate": config.candidate, "rlhf.baseline": config.baseline})
 
     baseline = start if config.baseline == "start" else ctx.upstream[config.baseline] / "model"
-    loaded = {role: precision.attention(models.load_causal_lm(policy, precision.dtype(chosen)), chosen, CPU)
+    loaded = {role: precision.frozen(models.load_causal_lm, policy, chosen, CPU)
               for role, policy in (("baseline", baseline), ("candidate", ctx.upstream[config.candidate] / "model"))}
     results = {}
     for role, policy in loaded.items():
