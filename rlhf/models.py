@@ -280,8 +280,9 @@ def load_reward_model(directory: Path, dtype: torch.dtype | None = None):
                                                               dtype=dtype or torch.float32)
 
 
-def new_reward_model(base: Path):
-    """A reward model on a causal LM's weights (score head starts random) and the tokenizer it scores with.
+def new_reward_model(base: Path, dtype: torch.dtype | None = None):
+    """A reward model on a causal LM's weights (score head starts random), in `dtype` (default fp32), and the
+    tokenizer it scores with.
 
     The sequence-classification head scores the rightmost token that is not
     padding. When padding is also a token the chat template writes (pad equal
@@ -290,7 +291,8 @@ def new_reward_model(base: Path):
     writes, or with a new one (its embedding grows by a row nobody samples).
     """
     tokenizer = load_tokenizer(base)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, use_safetensors=True, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, use_safetensors=True,
+                                                               dtype=dtype or torch.float32)
     written = set(tokenizer.apply_chat_template(_PROBE, tokenize=True, return_dict=False))
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in written:
         spare = [t.content for i, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special and i not in written]

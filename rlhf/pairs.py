@@ -31,10 +31,11 @@ def reward_model_scorer(model, tokenizer) -> Scorer:
     return lambda prompts, responses: generation.score(model, tokenizer, prompts, responses, max_length=None)
 
 
-def sampling_precision(setting: str, stage: str) -> str:
-    """What `stage`, whose block says `precision: setting`, samples pairs in: on the CPU, in the driver; said in its log."""
+def driver_precision(setting: str, stage: str, work: str) -> str:
+    """What `stage`, whose block says `precision: setting`, does `work` in on the CPU, in the driver (sampling
+    pairs, scoring them); said in its log."""
     chosen = precision.choose(setting, CPU)
-    stage_log.detail.info(f"{stage}: sampling pairs: {precision.describe(chosen, CPU)}")
+    stage_log.detail.info(f"{stage}: {work}: {precision.describe(chosen, CPU)}")
     return chosen
 
 

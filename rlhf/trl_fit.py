@@ -67,7 +67,7 @@ def _train(trainer, tokenizer, checkpoint: str | None, resumed_from_step: int, o
     trainer.add_callback(training.StageProgress())
     trainer.add_callback(training.SealCheckpoints())
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    final = trainer.evaluate()
+    final = _final_evaluation(trainer)
     if trainer.is_world_process_zero():
         training.save_policy(trainer, tokenizer, outputs)
     history = trainer.state.log_history
@@ -82,6 +82,13 @@ def _train(trainer, tokenizer, checkpoint: str | None, resumed_from_step: int, o
         eval={k: v for k, v in final.items() if isinstance(v, (int, float))},
         first_eval_loss=next((entry["eval_loss"] for entry in history if "eval_loss" in entry), None),
     )
+
+
+def _final_evaluation(trainer) -> dict:
+    """The evaluation of the trained model: the one the schedule ran at the last step, else a new one (on SmolLM2's
+    reward stage a second pass over the same rows took 10 s)."""
+    at_end = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
+    return {k: v for k, v in at_end[-1].items() if k != "step"} if at_end else trainer.evaluate()
 
 
 def _train_loop(config: dict, session) -> None:

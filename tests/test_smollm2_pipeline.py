@@ -118,7 +118,7 @@ def test_auto_precision_chooses_for_smollm2_what_this_cpu_computes_natively(home
         log = (Path(made["outputs"]["path"]).parent / "stage.log").read_text()
         assert f"computing in {expected}: " in log
     pairs_log = Path(manifest(home, "smol-start", "reward")["outputs"]["path"]).parent / "stage.log"
-    assert f"reward: sampling pairs: computing in {expected}: " in pairs_log.read_text()  # the reward model's own samples
+    assert f"reward: sampling and scoring pairs: computing in {expected}: " in pairs_log.read_text()  # the reward model's own samples
 
 
 def test_evaluation_shows_real_text_and_gold_scores_exactly_that_text(home):

@@ -92,6 +92,6 @@ def _pairs(config: DpoStage, ctx: StageContext, start: Path) -> dict[str, list[d
     return pairs.policy_pairs(
         start, load_splits(data_dir / "prompts"), {"train": config.pairs.count, "eval": config.pairs.eval_count},
         scorer, config.pairs.min_score_gap, config.pairs, ctx.seed,
-        pairs.sampling_precision(config.precision, ctx.stage),
+        pairs.driver_precision(config.precision, ctx.stage, "sampling pairs"),
     )
 

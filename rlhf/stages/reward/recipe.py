@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import mlflow
+import torch
 from trl import RewardConfig, RewardTrainer
 
 from rlhf import generation, models, pairs, precision, trainer_args, training, trl_fit
@@ -26,9 +27,13 @@ from rlhf.errors import InputError
 from rlhf.seeding import seed_everything
 from rlhf.lifecycle import StageContext, StageResult
 
+CPU = torch.device("cpu")  # pairs are sampled and scored in the driver
+
 
 def train_reward(ctx: StageContext) -> StageResult:
     config: RewardStage = precision.for_stage(ctx)
+    sampled = isinstance(config.pairs, PolicyPairs)
+    chosen = pairs.driver_precision(config.precision, ctx.stage, "sampling and scoring pairs" if sampled else "scoring pairs")
     data_dir = ctx.input("data")
     if config.model is None:
         base = ctx.input("policy") / "model"
@@ -37,19 +42,20 @@ def train_reward(ctx: StageContext) -> StageResult:
 
     pair_dir = ctx.work / "pairs"  # made once per attempt, so a resumed attempt trains on the same pairs
     if not (pair_dir / "eval.parquet").exists():
-        _make_pairs(config, ctx, ctx.input("policy") / "model" if ctx.input("policy") is not None else base)
+        _make_pairs(config, ctx, ctx.input("policy") / "model" if ctx.input("policy") is not None else base, chosen)
     data = load_splits(pair_dir)
     held_out = training.eval_subset(data["eval"], config.eval_rows, ctx.seed)
 
     seed_everything(ctx.seed)  # the head the trainer starts from
-    accuracy_before, _ = _pair_accuracy(*models.new_reward_model(base), held_out, config.max_length)
+    model, tokenizer = models.new_reward_model(base, precision.dtype(chosen))
+    accuracy_before, _ = _pair_accuracy(precision.attention(model, chosen, CPU), tokenizer, held_out, config.max_length)
     fitted = trl_fit.fit(
         partial(make_trainer, config.model_dump(mode="json"), ctx.seed, base, pair_dir, ctx.pipeline.ray.num_workers),
         ctx.pipeline.ray, name=f"reward-{ctx.fingerprint}", work=ctx.work, outputs=ctx.outputs, seed=ctx.seed,
         mlflow_uri=mlflow.get_tracking_uri(), mlflow_run_id=ctx.run_id,
     )
     tokenizer = models.load_tokenizer(ctx.outputs / "model")
-    reward_model = models.load_reward_model(ctx.outputs / "model")
+    reward_model = precision.frozen(models.load_reward_model, ctx.outputs / "model", chosen, CPU)
     accuracy, scored = _pair_accuracy(reward_model, tokenizer, held_out, config.max_length)
     write_splits({split: list(data[split]) for split in data}, ctx.outputs / "pairs")
     judged = _judged_counts(pair_dir)
@@ -96,7 +102,7 @@ def _texts(data_dir: Path):
         yield text_of(row["prompt"]) + "\n" + text_of(row["chosen"])
 
 
-def _make_pairs(config: RewardStage, ctx: StageContext, policy_dir: Path) -> None:
+def _make_pairs(config: RewardStage, ctx: StageContext, policy_dir: Path, chosen: str) -> None:
     data_dir = ctx.input("data")
     if isinstance(config.pairs, LabelPairs):
         held_out = list(load_splits(data_dir / "prompts")["eval"]["prompt"])
@@ -115,8 +121,7 @@ def _make_pairs(config: RewardStage, ctx: StageContext, policy_dir: Path) -> Non
         return
     made = pairs.policy_pairs(
         policy_dir, load_splits(data_dir / "prompts"), {"train": config.pairs.count, "eval": config.pairs.eval_count},
-        pairs.gold_scorer(ctx.gold()), config.pairs.min_gold_gap, config.pairs, ctx.seed,
-        pairs.sampling_precision(config.precision, ctx.stage),
+        pairs.gold_scorer(ctx.gold()), config.pairs.min_gold_gap, config.pairs, ctx.seed, chosen,
     )
     write_splits(made, ctx.work / "pairs")
 
