@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import logging
 import resource
 import shutil
+import sys
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -107,11 +111,16 @@ def tokens_per_second(log_history: list[dict], resumed_from_step: int, runtime: 
 
 
 _CLEAR_REFS, _STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 
 
 def reset_peak_rss() -> None:
     """Start this process's peak resident memory afresh, where Linux lets it (`/proc/self/clear_refs`): a stage
-    that runs in the driver after others reports its own peak, not theirs."""
+    that runs in the driver after others reports its own peak, not theirs. What the stages before it freed goes
+    back to the system first: glibc kept it otherwise (PPO after the reward stage started 2.3 GB higher)."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
     try:
         _CLEAR_REFS.write_text("5")
     except OSError:
