@@ -19,7 +19,7 @@ from rlhf.data.formats import Messages, text_of
 
 log = logging.getLogger("rlhf")
 
-CPU = torch.device("cpu")  # pairs are sampled in the driver
+CPU = torch.device("cpu")  # pairs are sampled and scored in the driver
 Scorer = Callable[[list[Messages], list[str]], list[float]]  # prompts, responses -> scores
 
 

@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 import mlflow
-import torch
 from trl import RewardConfig, RewardTrainer
 
 from rlhf import generation, models, pairs, precision, trainer_args, training, trl_fit
@@ -26,8 +25,6 @@ from rlhf.data.prepare import load_splits, write_splits
 from rlhf.errors import InputError
 from rlhf.seeding import seed_everything
 from rlhf.lifecycle import StageContext, StageResult
-
-CPU = torch.device("cpu")  # pairs are sampled and scored in the driver
 
 
 def train_reward(ctx: StageContext) -> StageResult:
@@ -48,14 +45,14 @@ def train_reward(ctx: StageContext) -> StageResult:
 
     seed_everything(ctx.seed)  # the head the trainer starts from
     model, tokenizer = models.new_reward_model(base, precision.dtype(chosen))
-    accuracy_before, _ = _pair_accuracy(precision.attention(model, chosen, CPU), tokenizer, held_out, config.max_length)
+    accuracy_before, _ = _pair_accuracy(precision.attention(model, chosen, pairs.CPU), tokenizer, held_out, config.max_length)
     fitted = trl_fit.fit(
         partial(make_trainer, config.model_dump(mode="json"), ctx.seed, base, pair_dir, ctx.pipeline.ray.num_workers),
         ctx.pipeline.ray, name=f"reward-{ctx.fingerprint}", work=ctx.work, outputs=ctx.outputs, seed=ctx.seed,
         mlflow_uri=mlflow.get_tracking_uri(), mlflow_run_id=ctx.run_id,
     )
     tokenizer = models.load_tokenizer(ctx.outputs / "model")
-    reward_model = precision.frozen(models.load_reward_model, ctx.outputs / "model", chosen, CPU)
+    reward_model = precision.frozen(models.load_reward_model, ctx.outputs / "model", chosen, pairs.CPU)
     accuracy, scored = _pair_accuracy(reward_model, tokenizer, held_out, config.max_length)
     write_splits({split: list(data[split]) for split in data}, ctx.outputs / "pairs")
     judged = _judged_counts(pair_dir)
