@@ -208,6 +208,11 @@ def test_a_key_inside_a_union_without_a_tag_is_named(tmp_path):
         load_pipeline(ROOT / "pipelines.yaml", "demo", ["stages.ppo.lora.target_modules=3"])
 
 
+def test_a_kl_floor_above_the_starting_beta_is_named():
+    with pytest.raises(InputError, match=r"'pipelines.demo.stages.ppo.kl': .*min_beta \(0.5\) is above beta"):
+        load_pipeline(ROOT / "pipelines.yaml", "demo", ["stages.ppo.kl.min_beta=0.5"])
+
+
 def test_numbers_with_an_exponent_are_numbers_as_in_yaml_12(tmp_path):
     # PyYAML reads `1e-8` as text: TRL would take trainer_args.adam_epsilon as the string '1e-8' and fail at training
     assert parse_override("stages.sft.trainer_args.adam_epsilon=1e-8") == (["stages", "sft", "trainer_args", "adam_epsilon"], 1e-8)

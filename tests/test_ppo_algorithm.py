@@ -49,6 +49,12 @@ def test_kl_controller_fixed_and_adaptive():
     restored = A.KLController(1.0)
     restored.load_state_dict(adaptive.state_dict())
     assert restored.beta == adaptive.beta and restored.target == 6.0
+    floored = A.KLController(0.05, target=6.0, horizon=16, min_beta=0.04)
+    floored.update(kl=0.0, n_steps=16)  # 0.05 -> 0.04 -> 0.032, held at the floor
+    floored.update(kl=0.0, n_steps=16)
+    assert floored.beta == 0.04
+    floored.update(kl=12.0, n_steps=16)
+    assert floored.beta == pytest.approx(0.04 * 1.2)
 
 
 def test_score_normalisation_clipping_and_missing_eos_penalty():

@@ -159,23 +159,23 @@ def per_token_rewards(
 class KLController:
     """Fixed or adaptive KL coefficient (Ziegler et al. 2019).
 
-    Adaptive: beta *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon.
+    Adaptive: beta *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon, never below min_beta.
     """
 
-    def __init__(self, beta: float, target: float | None = None, horizon: int = 10000):
-        self.beta, self.target, self.horizon = beta, target, horizon
+    def __init__(self, beta: float, target: float | None = None, horizon: int = 10000, min_beta: float = 0.0):
+        self.beta, self.target, self.horizon, self.min_beta = beta, target, horizon, min_beta
 
     def update(self, kl: float, n_steps: int) -> None:
         if self.target is None:
             return
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.beta *= 1.0 + error * n_steps / self.horizon
+        self.beta = max(self.min_beta, self.beta * (1.0 + error * n_steps / self.horizon))
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "target": self.target, "horizon": self.horizon}
+        return {"beta": self.beta, "target": self.target, "horizon": self.horizon, "min_beta": self.min_beta}
 
     def load_state_dict(self, state: dict) -> None:
-        self.beta, self.target, self.horizon = state["beta"], state["target"], state["horizon"]
+        self.beta, self.target, self.horizon, self.min_beta = state["beta"], state["target"], state["horizon"], state["min_beta"]
 
 
 # ---------------------------------------------------------------- advantages

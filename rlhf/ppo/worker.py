@@ -91,7 +91,7 @@ class _Run:
                            for name, params in self.roles.trainable().items()}
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / steps)
                            for name, opt in self.optimisers.items()}
-        self.kl_control = A.KLController(rl.kl.beta, rl.kl.target, rl.kl.horizon)
+        self.kl_control = A.KLController(rl.kl.beta, rl.kl.target, rl.kl.horizon, rl.kl.min_beta)
         self.sampler = PromptSampler(len(self.prompts), self.seed)
         self.history: list[dict] = []
         self.start = self.restored_from = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf.blocks import Lora, Precision, PretrainedModel, StageConfig, Strict, given_reward_model
 
@@ -32,8 +32,18 @@ class KLPenalty(Strict):
     beta: float = Field(0.05, ge=0, description="the coefficient (the starting one when adaptive)")
     target: float | None = Field(6.0, gt=0, description="null keeps beta fixed")
     horizon: int = Field(10000, ge=1, description="responses over which an adaptive beta moves by its full error")
+    min_beta: float = Field(
+        0.0, ge=0, description="the least an adaptive beta falls to: a short horizon otherwise drops it while the KL is small, "
+        "and it climbs back too late"
+    )
     estimator: Literal["k1", "k3"] = Field("k1", description="k1: log-ratio (unbiased, signed per token); k3: (r - 1) - log r (unbiased, never negative)")
     in_loss: bool = Field(False, description="a KL term in the loss (GRPO's way) instead of a penalty in the reward")
+
+    @model_validator(mode="after")
+    def _floor_below_start(self) -> KLPenalty:
+        if self.min_beta > self.beta:
+            raise ValueError(f"min_beta ({self.min_beta}) is above beta ({self.beta}): beta starts at or above its floor")
+        return self
 
 
 LossAggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
