@@ -49,11 +49,35 @@ def _only(model, config: GenerationConfig):
         target.generation_config = saved
 
 
-def generate(model, batch, config: GenerationConfig) -> torch.Tensor:
-    """The generated tokens only: [batch, <= max_new_tokens], padded after each response's EOS."""
+def generate(model, batch, config: GenerationConfig, repeats: int = 1) -> torch.Tensor:
+    """The generated tokens only: [batch x repeats, <= max_new_tokens], padded after each response's EOS, a prompt's
+    `repeats` responses consecutive. Their prompt runs through the model once, not once per response."""
+    prompt_length = batch["input_ids"].shape[1]
+    if repeats > 1 and prompt_length > 1:
+        # all but the last prompt token: generate computes the positions the cache lacks, and samples from there
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        _, cache = prefill(model, ids[:, :-1], mask[:, :-1], repeats)
+        batch = {"input_ids": ids.repeat_interleave(repeats, 0), "attention_mask": mask.repeat_interleave(repeats, 0),
+                 "cache": cache}
+    elif repeats > 1:
+        batch = {key: value.repeat_interleave(repeats, 0) for key, value in batch.items()}
     with _only(model, config):
         out = model.generate(**batch, generation_config=config)
-    return out[:, batch["input_ids"].shape[1] :]
+    return out[:, prompt_length:]
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeats: int):
+    """The logits at each (left-padded) prompt's last position, and its keys and values, each repeated `repeats`
+    times: what a batch of each prompt `repeats` times over computes, at a `repeats`-th of the cost."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask), use_cache=True,
+                logits_to_keep=1)
+    out.cache.batch_repeat_interleave(repeats)
+    return out.logits.repeat_interleave(repeats, 0), out.cache
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` uses them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def decode(tokenizer, generated: torch.Tensor) -> tuple[list[str], list[bool]]:

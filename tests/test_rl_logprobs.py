@@ -17,6 +17,7 @@ from rlhf import generation, models
 from rlhf.stages.rl.config import PpoStage
 from rlhf.ppo import algorithm as A
 from rlhf.ppo import roles as R
+from rlhf.ppo import rollout as rollouts
 
 TEMPERATURE = 0.7
 MAX_NEW_TOKENS = 12
@@ -80,3 +81,27 @@ def test_training_logprobs_are_the_sampling_distributions_of_generate(tiny_model
     # the check can see a change in the distribution: the logits at temperature 1 differ by far more
     untempered = A.token_logprobs(R.response_logits(actor, query, query_mask, response), response, 1.0)
     assert ((untempered - generated) * mask).abs().max().item() > 100 * max(difference, 1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_a_prompt_run_once_for_its_responses_gives_what_running_it_for_each_one_gives(tiny_model, gpt2_model, architecture):
+    """GRPO's groups: sampling and scoring run each prompt once and copy its keys and values to its responses."""
+    directory = tiny_model[0] if architecture == "llama" else gpt2_model
+    rl = PpoStage(temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS)
+    torch.manual_seed(0)
+    actor = R.actor(directory, rl, CPU).eval()
+    tokenizer = models.load_tokenizer(directory, padding_side="left")
+    sampling = generation.sampling_config(tokenizer, MAX_NEW_TOKENS, TEMPERATURE)
+    prompts, repeats = _prompts(tiny_model), 3
+    runs = []
+    for given, each in ((prompts, repeats), ([p for p in prompts for _ in range(repeats)], 1)):
+        torch.manual_seed(1)
+        query, query_mask, response, mask, _ = rollouts.generate(actor, tokenizer, given, sampling, CPU, each)
+        with torch.no_grad():
+            runs.append((query, query_mask, response, R.response_logits(actor, query, query_mask, response, each), mask))
+    (query, query_mask, response, shared, mask), (*alone, logits, _) = runs
+    for a, b in zip((query, query_mask, response), alone):
+        assert torch.equal(a, b)
+    assert mask.sum(-1).min() >= 2 and query_mask.sum(-1).unique().numel() == 3  # responses of several tokens, padding differs
+    difference = ((shared - logits) * mask.unsqueeze(-1)).abs().max().item()
+    assert difference < 1e-4, difference

@@ -149,17 +149,21 @@ def sequence(query, query_mask, response):
     so no position up to the EOS can see them, and an all-ones mask keeps the fast causal attention path."""
     input_ids = torch.cat([query, response], dim=1)
     attention_mask = torch.cat([query_mask, torch.ones_like(response)], dim=1)
-    return input_ids, attention_mask, positions(attention_mask)
+    return input_ids, attention_mask, generation.positions(attention_mask)
 
 
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as `generate` uses them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_logits(model, query, query_mask, response):
-    """Logits that predict each response token; the LM head never runs at the other prompt positions."""
+def response_logits(model, query, query_mask, response, repeats: int = 1):
+    """Logits that predict each response token; the LM head never runs at the other prompt positions. With
+    `repeats`, rows come in runs of that many responses to one prompt, and the prompt runs once per run."""
     input_ids, attention_mask, position_ids = sequence(query, query_mask, response)
+    if repeats > 1:
+        first, cache = generation.prefill(model, query[::repeats], query_mask[::repeats], repeats)
+        if response.shape[1] == 1:
+            return first
+        # the last response token predicts nothing, so it never runs
+        rest = model(input_ids=response[:, :-1], attention_mask=attention_mask[:, :-1],
+                     position_ids=position_ids[:, query.shape[1] : -1], cache=cache, use_cache=True).logits
+        return torch.cat([first, rest], dim=1)
     keep = response.shape[1] + 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                    logits_to_keep=keep).logits

@@ -56,25 +56,26 @@ class PromptSampler:
 
 
 @torch.no_grad()
-def generate(policy, tokenizer, prompts, sampling, device):
-    """Prompt ids and mask, response ids as wide as the longest response, the response mask (through EOS), and
-    whether each ended. Generation stops once every response has ended, so scoring and training never
-    compute positions past the longest one."""
+def generate(policy, tokenizer, prompts, sampling, device, repeats: int = 1):
+    """`repeats` responses to each prompt, consecutive: prompt ids and mask (a row per response), response ids as
+    wide as the longest response, the response mask (through EOS), and whether each ended. Generation stops once
+    every response has ended, so scoring and training never compute positions past the longest one."""
     policy.eval()
     texts = [render(tokenizer, p) for p in prompts]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    response = generation.generate(policy, batch, sampling)
+    response = generation.generate(policy, batch, sampling, repeats)
     mask, ended = A.response_mask(response, tokenizer.eos_token_id)
-    return batch["input_ids"], batch["attention_mask"], response, mask, ended
+    return batch["input_ids"].repeat_interleave(repeats, 0), batch["attention_mask"].repeat_interleave(repeats, 0), response, mask, ended
 
 
 @torch.no_grad()
-def score(roles: Roles, query, query_mask, response, mask, ended, rl: RlStage) -> Rollout:
-    """Log-probs of actor and reference and the critic's values; the scores are filled in from the text."""
+def score(roles: Roles, query, query_mask, response, mask, ended, rl: RlStage, repeats: int = 1) -> Rollout:
+    """Log-probs of actor and reference and the critic's values; the scores are filled in from the text. Rows in
+    runs of `repeats` responses to one prompt, as `generate` returns them, run their prompt once."""
     roles.actor.eval()
-    logp = A.token_logprobs(response_logits(roles.actor, query, query_mask, response), response, rl.temperature)
+    logp = A.token_logprobs(response_logits(roles.actor, query, query_mask, response, repeats), response, rl.temperature)
     with roles.reference():
-        ref_logp = A.token_logprobs(response_logits(roles.actor, query, query_mask, response), response, rl.temperature)
+        ref_logp = A.token_logprobs(response_logits(roles.actor, query, query_mask, response, repeats), response, rl.temperature)
     critic_values = None
     if roles.critic is not None:
         roles.critic.eval()

@@ -144,14 +144,14 @@ class _Run:
 
         clock = time.monotonic()
         with self.precision():
-            query, query_mask, response, mask, ended = rollouts.generate(roles.actor, roles.tokenizer, prompts, self.sampling,
-                                                                         self.device)
+            query, query_mask, response, mask, ended = rollouts.generate(roles.actor, roles.tokenizer, shard, self.sampling,
+                                                                         self.device, rl.samples_per_prompt)
         texts, _ = generation.decode(roles.tokenizer, response)
         timings["seconds_generate"] = time.monotonic() - clock
 
         clock = time.monotonic()
         with self.precision():
-            rollout = rollouts.score(roles, query, query_mask, response, mask, ended, rl)
+            rollout = rollouts.score(roles, query, query_mask, response, mask, ended, rl, rl.samples_per_prompt)
             rollout.scores = roles.scores(prompts, texts)
         rewards = rollouts.advantages(rollout, self.normalisation, self.kl_control.beta, rl, self.world)
         timings["seconds_score"] = time.monotonic() - clock
