@@ -29,7 +29,9 @@ gradient clipping and optimizer steps (TRL: `training_step` less `_prepare_input
 the optimizer step between its callbacks). other: the rest of the iteration. Left out of every iteration on
 both sides: logging (our MLflow metrics, TRL's log every iteration) and checkpoints.
 
-What is not the same: TRL computes scoring log-probs in chunks of one minibatch, ours in one pass. bf16:
+What is not the same: TRL computes scoring log-probs in chunks of one minibatch, ours in one pass; ours runs each
+prompt through the model once for its 4 responses, in sampling and in scoring (its keys and values copied to each),
+TRL once per response. bf16:
 ours holds the frozen weights in bf16, autocasts, and uses eager attention on a CPU; TRL's `bf16=True`
 autocasts around fp32 weights in scoring and training only (peft's `generate` goes around the forward that
 accelerate wraps, so TRL samples in fp32), and its reward callable is autocast here as accelerate wraps a

@@ -98,23 +98,25 @@ def decode(tokenizer, generated: torch.Tensor) -> tuple[list[str], list[bool]]:
 @torch.no_grad()
 def sample(
     model, tokenizer, prompts: list[Messages], max_new_tokens: int, temperature: float, seed: int, batch_size: int = 128,
-    phase: str | None = None,
+    phase: str | None = None, repeats: int = 1,
 ) -> tuple[list[str], list[bool]]:
-    """One sampled response per prompt, and whether each ended with EOS; `phase` names it on the progress display."""
+    """`repeats` sampled responses per prompt, consecutive, and whether each ended with EOS; `batch_size` counts
+    responses; `phase` names it on the progress display."""
     model.eval()
     tokenizer.padding_side = "left"
     config = sampling_config(tokenizer, max_new_tokens, temperature)
     responses, ended = [], []
+    step = max(1, batch_size // repeats)
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):  # callers' streams stay untouched
         torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            texts = [render(tokenizer, p) for p in prompts[start : start + batch_size]]
+        for start in range(0, len(prompts), step):
+            texts = [render(tokenizer, p) for p in prompts[start : start + step]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            decoded, finished = decode(tokenizer, generate(model, batch, config))
+            decoded, finished = decode(tokenizer, generate(model, batch, config, repeats))
             responses += decoded
             ended += finished
             if phase:
-                progress.report(phase, len(responses), len(prompts))
+                progress.report(phase, len(responses), len(prompts) * repeats)
     return responses, ended
 
 

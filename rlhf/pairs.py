@@ -77,7 +77,8 @@ def sample_pairs(
         drawn = [rng.choice(prompts) for _ in range(int((count - len(pairs)) * 1.5) + 8)]
         doubled = [p for p in drawn for _ in range(2)]
         responses, _ = generation.sample(
-            policy, tokenizer, doubled, max_new_tokens, temperature, seed + round_index, batch_size, phase=f"sampling round {round_index + 1}"
+            policy, tokenizer, drawn, max_new_tokens, temperature, seed + round_index, batch_size,
+            phase=f"sampling round {round_index + 1}", repeats=2,
         )
         scores = scorer(doubled, responses)
         for index, prompt in enumerate(drawn):

@@ -89,6 +89,18 @@ def test_sampling_is_seeded_and_scoring_is_per_pair(tokenizer):
     assert first != generation.sample(model, tokenizer, prompts, 8, 1.0, seed=6)[0]
 
 
+def test_several_responses_per_prompt_are_those_of_the_prompt_given_that_many_times(tokenizer):
+    """Pairs sample each prompt once with `repeats`: the same responses as the prompt repeated, in batches that
+    split a prompt's responses neither way, across prompts of different lengths (different left padding)."""
+    model = models.build_model(SCRATCH, tokenizer, seed=0)
+    prompts = [[{"role": "user", "content": text}] for text in ("Review the lamp.", "Hi", "Review the chair, the desk and the shelf.")]
+    twice = [p for p in prompts for _ in range(2)]
+    for batch_size in (2, 4, 128):
+        shared, ended = generation.sample(model, tokenizer, prompts, 8, 1.0, seed=5, batch_size=batch_size, repeats=2)
+        assert (shared, ended) == generation.sample(model, tokenizer, twice, 8, 1.0, seed=5, batch_size=batch_size)
+    assert shared[0] != shared[1]  # a prompt's two responses are two samples
+
+
 def test_pair_labelling_orders_by_gold_and_drops_near_ties():
     prompt = [{"role": "user", "content": "Review the lamp."}]
     good, bad = "The lamp is great. Overall it feels superb.", "Overall it feels terrible. The design looks bad."

@@ -81,9 +81,9 @@ def _sample(policy, tokenizer, prompts: list[Messages], count: int, config: Prop
     rng, found = random.Random(seed), []
     for round_index in range(max_rounds):
         drawn = [rng.choice(prompts) for _ in range(int((count - len(found)) * 1.2) + 4)]
-        responses, _ = generation.sample(policy, tokenizer, [p for p in drawn for _ in range(2)], config.max_new_tokens,
-                                         config.temperature, seed + round_index, config.batch_size,
-                                         phase=f"sampling {split} pairs, round {round_index + 1}")
+        responses, _ = generation.sample(policy, tokenizer, drawn, config.max_new_tokens, config.temperature,
+                                         seed + round_index, config.batch_size,
+                                         phase=f"sampling {split} pairs, round {round_index + 1}", repeats=2)
         found += [(p, a, b) for p, a, b in zip(drawn, responses[::2], responses[1::2]) if a != b][: count - len(found)]
         if len(found) == count:
             return found
