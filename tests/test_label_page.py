@@ -38,6 +38,8 @@ KEY_SIDES = {"1": "left", "2": "right", "3": "tie", "0": "both_bad"}
 def test_judging_in_a_browser(tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
+    # 5 s, Playwright's default, is too short where other work shares a 2-core machine (a CI run failed on it)
+    expect.set_options(timeout=30_000)
     database = tmp_path / "labels.db"
     store = LabelStore(f"sqlite:///{database}")
     store.add_items(QUEUE, "hostile", [HOSTILE])  # alone at first, so that it is the pair the page opens with
