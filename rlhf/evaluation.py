@@ -25,15 +25,21 @@ def reward_hacking(score_gain: float, gold_gain: float, min_score_gain: float, m
 
 
 @torch.no_grad()
-def sequence_logprobs(model, tokenizer, prompts, responses: list[str]) -> list[float]:
-    """Sum of log p(response tokens | prompt), EOS included, at temperature 1."""
+def sequence_logprobs(model, tokenizer, prompts, responses: list[str], batch_size: int = 16) -> list[float]:
+    """Sum of log p(response tokens | prompt), EOS included, at temperature 1. Sequences run `batch_size` at a
+    time, padded on the right: attention is causal, so no real token sees the padding or changes position."""
     model.eval()
+    contexts = [len(tokenizer(render(tokenizer, p), add_special_tokens=False).input_ids) for p in prompts]
+    fulls = [tokenizer(render(tokenizer, p, r), add_special_tokens=False).input_ids for p, r in zip(prompts, responses)]
     totals = []
-    for prompt, response in zip(prompts, responses):
-        context = len(tokenizer(render(tokenizer, prompt), add_special_tokens=False).input_ids)
-        full = tokenizer(render(tokenizer, prompt, response), add_special_tokens=False, return_tensors="pt").input_ids
-        logits = model(input_ids=full).logits[0, -full.shape[1] :]  # prompt tuning puts its virtual tokens first
-        logits = logits[context - 1 : -1]
-        tokens = full[0, context:]
-        totals.append(torch.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).sum().item())
+    for start in range(0, len(fulls), batch_size):
+        rows = fulls[start : start + batch_size]
+        width = max(map(len, rows))
+        input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=model.device)
+        attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=model.device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -width:]  # prompt tuning puts its virtual tokens first
+        for row, context, row_logits in zip(rows, contexts[start:], logits):
+            tokens = torch.tensor(row[context:], device=model.device)
+            logp = torch.log_softmax(row_logits[context - 1 : len(row) - 1].float(), -1)
+            totals.append(logp.gather(-1, tokens.unsqueeze(-1)).sum().item())
     return totals

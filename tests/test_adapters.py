@@ -46,3 +46,6 @@ def test_each_adapter_trains_saves_and_loads_for_evaluation(tiny_model, tmp_path
     assert len(responses) == len(prompts)
     ours, theirs = (evaluation.sequence_logprobs(m, tokenizer, prompts, responses) for m in (policy, base))
     assert all(torch.isfinite(torch.tensor(ours))) and ours != theirs  # the adapter is applied and changes the policy
+    lengths = {len(tokenizer(generation.render(tokenizer, p, r)).input_ids) for p, r in zip(prompts, responses)}
+    assert len(lengths) > 1  # so that the batch below is padded
+    assert ours == pytest.approx(evaluation.sequence_logprobs(policy, tokenizer, prompts, responses, batch_size=1), abs=1e-4)
