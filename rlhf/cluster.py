@@ -28,7 +28,7 @@ class RayConfig(Strict):
     """Where PPO runs: a local cluster by default, `address` (or RAY_ADDRESS) for an existing one."""
 
     address: str | None = Field(None, description="an existing Ray cluster (ray://..., or host:port); null: RAY_ADDRESS, else a local cluster")
-    num_workers: int = Field(2, ge=1, description="data-parallel workers of each training stage; 1 CPU worker trains in this process")
+    num_workers: int = Field(2, ge=1, description="data-parallel workers of each training stage; 1 CPU worker trains without Ray (an RL stage in a child process)")
     cpus_per_worker: int = Field(1, ge=1, description="also the torch threads of each worker")
     use_gpu: bool = Field(False, description="one GPU per worker (nccl), else CPUs (gloo)")
     wait_seconds: int = Field(
@@ -36,7 +36,7 @@ class RayConfig(Strict):
     )
 
     def trains_on_ray(self) -> bool:
-        """Whether training stages run as Ray Train jobs; otherwise they train in this process."""
+        """Whether training stages run as Ray Train jobs; otherwise they train without Ray (`rlhf/session.py`)."""
         return self.num_workers > 1 or self.use_gpu
 
 

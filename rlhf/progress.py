@@ -21,7 +21,7 @@ log = logging.getLogger("rlhf")
 
 MARK = "rlhf-progress "
 LINE_SECONDS = 15.0
-ON_RAY_WORKER = "RLHF_RAY_WORKER"  # set in the runtime env of the cluster's workers
+ON_RAY_WORKER = "RLHF_RAY_WORKER"  # set in the runtime env of the cluster's workers, and of an RL loop's own process
 
 
 class _Phase:

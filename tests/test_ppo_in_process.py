@@ -1,4 +1,4 @@
-"""An RL stage with one CPU worker trains in this process, without Ray, and resumes after a crash to the same numbers."""
+"""An RL stage with one CPU worker trains in a process of its own, without Ray, and resumes after a crash to the same numbers."""
 
 import json
 import multiprocessing
@@ -6,6 +6,7 @@ import os
 import signal
 
 import mlflow
+import psutil
 import pytest
 
 from conftest import wait_for
@@ -47,8 +48,10 @@ def test_a_crash_resumes_from_the_newest_whole_checkpoint_to_the_same_history(ti
     crashing.start()
     wait_for(lambda: (storage / f"{stage}-test" / "checkpoint_000004").exists() or not crashing.is_alive(), 300, "a checkpoint")
     assert crashing.is_alive(), "the run ended before it could be killed"
+    [worker] = psutil.Process(crashing.pid).children()  # the loop's own process
     os.kill(crashing.pid, signal.SIGKILL)
     crashing.join()
+    worker.wait(timeout=30)  # it dies with the stage that started it: no orphan trains on
     (storage / f"{stage}-test" / f".partial-{last}").mkdir()  # as a crash in the middle of writing one leaves it
 
     resumed = _run(stage, rl, directory, prompts, storage, tmp_path / "crashed.db")

@@ -1,4 +1,4 @@
-"""Run an RL stage's loop, here or on Ray Train (`rlhf/session.py` decides), and return its final checkpoint."""
+"""Run an RL stage's loop, in a process of its own or on Ray Train (`rlhf/session.py` decides), and return its final checkpoint."""
 
 from __future__ import annotations
 
@@ -30,4 +30,4 @@ def run(
         "mlflow_run_id": mlflow_run_id,
     }
     return session.run(cluster, train_loop, config, name=name, storage=storage, keep=rl.keep_checkpoints,
-                       max_failures=rl.max_failures)
+                       max_failures=rl.max_failures, own_process=True)

@@ -1,4 +1,4 @@
-"""The RL loop of PPO and its critic-free relatives, on every Ray Train worker or in this process (`rlhf/session.py`).
+"""The RL loop of PPO and its critic-free relatives, on every Ray Train worker or in a process of its own (`rlhf/session.py`).
 
 Before the first iteration, samples of the starting policy under the stage's
 own sampling settings fix the mean and standard deviation that normalise the
@@ -69,7 +69,7 @@ class _Run:
     """One worker's models, optimisers and position in the run, restored from the newest checkpoint if any."""
 
     def __init__(self, config: dict, session):
-        training.reset_peak_rss()  # in the driver's process, the stages before this one set their own peaks
+        training.reset_peak_rss()  # where this process ran other work before
         self.session, self.stage, self.seed = session, config["stage"], config["seed"]
         self.rank, self.world, self.device = session.rank, session.world, session.device
         session.say(f"{self.stage}: worker {self.rank} of {self.world} {session.place} ({self.device})")
