@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from rlhf import cluster as rlhf_cluster
-from rlhf import progress, stage_log
+from rlhf import progress, stage_log, training
 from rlhf.cluster import RayConfig
 
 _PREFIX = "checkpoint_"
@@ -75,6 +75,7 @@ def run(cluster: RayConfig, loop: Callable[[dict, object], None], config: dict, 
 def _in_own_process(loop, config: dict, directory: Path, keep: int) -> Path | None:
     """`loop` in a child Python process, as one local worker. What it prints reaches the stage's log and progress
     display as a Ray worker's output does; an exception it raises is raised here (an InputError stays exit 2)."""
+    training.release_freed()  # this process waits for the child meanwhile: no need to hold what it freed
     directory.mkdir(parents=True, exist_ok=True)
     failure = directory / ".failure.pickle"
     failure.unlink(missing_ok=True)
