@@ -6,8 +6,9 @@ from the block's `policy` (an instruct model, say); the reward model is the
 reward stage's, or the block's `reward_model`. With a `ray` block of more
 than one worker or a GPU this task is the Ray Train driver; otherwise the
 loop runs in a child process, without Ray's start-up. Workers each roll out
-their shard of prompts, gradients are all-reduced, rank 0 logs to this stage's MLflow run and writes checkpoints under the work
-dir; re-entering the stage resumes from the newest one. Outputs: `adapter/`,
+their shard of prompts, gradients are all-reduced, rank 0 logs to this
+stage's MLflow run and writes checkpoints under the work dir; re-entering
+the stage resumes from the newest one. Outputs: `adapter/`,
 `model/` (the adapter merged into the starting policy, with the tokenizer),
 `critic/` (PPO), `normalisation.json` (the score statistics of the starting
 policy), `history.json`.
